@@ -1,0 +1,1074 @@
+"""tinyloop: looped transformers from scratch in NumPy + HIPS autograd.
+
+One module, read top to bottom beside two papers:
+
+  [FLT]  "Simply Stabilizing the Loop via Fully Looped Transformer", arXiv 2605.18797.
+         A looped transformer reuses one L-layer stack K times. LT / LT_i / LT_ia collapse at 12 loops;
+         the Fully Looped Architecture (every layer of loop t sees loop t-1's final state) plus Attention
+         Injection (that state is the attention QUERY) trains stably. Equations follow the authors' code.
+  [TFL]  "Training-Free Looped Transformers", arXiv 2605.23872.
+         Loop a mid-stack window of a FROZEN pre-norm model at inference. A pre-norm layer is one forward-
+         Euler step x + F(x); looping refines that step (damped Euler, anchored Runge-Kutta blend).
+
+Map of this file (each part depends only on the parts above it):
+  1. Config                 a frozen dataclass, validated on construction
+  2. Primitives             RMSNorm, softmax, RoPE, attention with a separate query stream, MLP, MoE, readout
+  3. The pre-norm block     its two residual lines
+  4. Models                 init_params; forward() for standard / LT / LT_i / LT_ia / FLT_res / FLT
+  5. Data                   embedded toy task generators (no download, ever) and exact-match scoring
+  6. Training               cross-entropy, Adam(W) with clipping and warm-down, divergence detection
+  7. Checkpoints            save / load to .npz, validated
+  8. Training-free looping  Butcher tableaus, loop rules, loop_window, MoE routing freeze, KV-cache
+                            generation with the stash pass and decode modes, a cost counter
+
+autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
+in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
+in one matmul; diagnostics read off values with `getval`, outside the gradient tape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+
+import autograd.numpy as np
+import numpy as onp  # plain NumPy: for things that are never differentiated (data, tables, bookkeeping)
+from autograd import value_and_grad
+from autograd.extend import defvjp, primitive
+from autograd.tracer import getval
+
+VARIANTS = ("standard", "LT", "LT_i", "LT_ia", "FLT_res", "FLT")
+
+
+def _check(ok, name, msg):
+    """Raise ValueError naming the offending argument."""
+    if not ok:
+        raise ValueError(f"{name}: {msg}")
+
+
+# ============================================================================================================
+# 1. Config
+# ============================================================================================================
+@dataclass(frozen=True)
+class Config:
+    vocab: int = 32                 # number of token ids
+    d_model: int = 64               # residual width d
+    n_heads: int = 4                # query heads H (head_dim = d_model / n_heads)
+    n_kv_heads: int | None = None   # key/value heads (grouped-query attention); None = n_heads
+    n_layers: int = 2               # L, layers in the stack (the stack is what gets looped)
+    n_loops: int = 1                # K, default loop count (forward() can override it, also at inference)
+    seq_len: int = 64               # maximum positions (length of the RoPE table)
+    d_ff: int | None = None         # MLP hidden width; None = 4 * d_model
+    mlp: str = "relu2"              # "relu2" (relu(x)^2, as in the FLT code) | "gelu" | "swiglu" (Llama)
+    norm: str = "rms"               # "rms": parameter-free RMSNorm (FLT) | "rms_gain": with learned gain (Llama)
+    norm_eps: float = 1e-6          # RMSNorm epsilon
+    qk_norm: bool = True            # parameter-free RMSNorm of each head's q and k (after RoPE)
+    softcap: float | None = 15.0    # logits = c * tanh(z / c); None = plain logits
+    rope: str = "half"              # RoPE pairs: "half" (i, i + dh/2), "pairs" (2i, 2i+1; GGUF), "none"
+    rope_theta: float = 10000.0     # RoPE base
+    n_experts: int = 0              # 0 = dense MLP; > 0 = top-k mixture-of-experts FFN
+    top_k: int = 2                  # experts per token (MoE only)
+    tie_embeddings: bool = False    # readout uses embed.T (Llama / SmolLM2) instead of its own matrix
+    branch_scale: float = 1.0       # each residual branch is multiplied by this (retrofit toys: < 1)
+    dtype: str = "float32"          # "float32" | "float64" (float64 for gradient checks)
+
+    def __post_init__(self):
+        for name in ("vocab", "d_model", "n_heads", "n_layers", "n_loops", "seq_len"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, name, f"must be a positive integer, got {v!r}")
+        _check(self.d_model % self.n_heads == 0, "d_model",
+               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        _check(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
+               f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+        _check(self.ff >= 1, "d_ff", f"must be positive, got {self.d_ff}")
+        _check(self.mlp in ("relu2", "gelu", "swiglu"), "mlp", f"unknown MLP kind {self.mlp!r}")
+        _check(self.norm in ("rms", "rms_gain"), "norm", f"unknown norm kind {self.norm!r}")
+        _check(self.rope in ("half", "pairs", "none"), "rope", f"unknown RoPE kind {self.rope!r}")
+        _check(self.rope == "none" or self.head_dim % 2 == 0, "rope", "RoPE needs an even head_dim")
+        _check(self.norm_eps > 0, "norm_eps", "must be positive")
+        _check(self.softcap is None or self.softcap > 0, "softcap", "must be positive or None")
+        _check(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "must be >= 0")
+        _check(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts, "top_k",
+               f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        _check(self.branch_scale > 0, "branch_scale", "must be positive")
+        _check(self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff(self):
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+
+# ============================================================================================================
+# 2. Primitives. Shapes: B batch, T positions (this call), S key positions (past + this call), d width,
+#    H query heads, Hkv key/value heads, G = H / Hkv query heads per key/value head, dh head width, E experts.
+# ============================================================================================================
+def rms_norm(x, gain=None, eps=1e-6):
+    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]"""
+    ms = np.sum(x * x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])  # mean(x^2); sum*(1/n) keeps float32
+    y = x / np.sqrt(ms + eps)
+    return y if gain is None else y * gain
+
+
+def softmax(z, axis=-1):
+    """exp(z) / sum exp(z). The max is subtracted as a constant (softmax is shift invariant, so the
+    gradient is unchanged) to avoid overflow."""
+    e = np.exp(z - onp.max(getval(z), axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(z):
+    """z - logsumexp(z) over the last axis."""
+    m = onp.max(getval(z), axis=-1, keepdims=True)
+    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+
+
+def gelu(x):
+    """GELU, tanh approximation."""
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def rope_tables(cfg, pos0, T):
+    """cos/sin tables [T, dh] and the fixed 90-degree rotation R [dh, dh] for positions pos0 .. pos0+T-1.
+
+    RoPE rotates each coordinate pair (i, j) of a head by the angle p * theta^(-2m/dh) (m = pair index):
+        y_i = x_i cos - x_j sin,   y_j = x_i sin + x_j cos,    i.e.  y = x * cos + (x @ R) * sin.
+    "half" pairs coordinate m with m + dh/2 (nanochat, HF); "pairs" pairs 2m with 2m+1 (llama.cpp / GGUF).
+    """
+    dh = cfg.head_dim
+    inv_freq = cfg.rope_theta ** (-onp.arange(0, dh, 2) / dh)              # [dh/2]
+    ang = onp.outer(onp.arange(pos0, pos0 + T), inv_freq)                   # [T, dh/2]
+    m = onp.arange(dh // 2)
+    i, j = (m, m + dh // 2) if cfg.rope == "half" else (2 * m, 2 * m + 1)  # the coordinates of pair m
+    cos, sin = onp.zeros((T, dh)), onp.zeros((T, dh))
+    cos[:, i], cos[:, j] = onp.cos(ang), onp.cos(ang)
+    sin[:, i], sin[:, j] = onp.sin(ang), onp.sin(ang)
+    R = onp.zeros((dh, dh))
+    R[j, i], R[i, j] = -1.0, 1.0                                            # (x @ R)_i = -x_j, (x @ R)_j = x_i
+    dt = cfg.dtype
+    return cos.astype(dt), sin.astype(dt), R.astype(dt)
+
+
+def apply_rope(x, tables):
+    """x: [..., T, dh] -> same, each pair rotated by its position's angle (see rope_tables)."""
+    cos, sin, R = tables
+    return x * cos + np.matmul(x, R) * sin
+
+
+def attention(p, q_in, x_in, cfg, pos0=0, past=None):
+    """Causal multi-head attention with a separate query stream (FLT's Attention Injection):
+
+        Attn(Q = q_in Wq, K = x_in Wk, V = x_in Wv) Wo,   q_in = x_in for ordinary self-attention.
+
+    q_in, x_in: [B, T, d], already normed by the caller. pos0: position of the first of the T tokens.
+    past: None or cached (k, v), each [B, Hkv, P, dh] with P = pos0 previous positions.
+    Returns (out [B, T, d], (k, v) of these T positions, each [B, Hkv, T, dh]).
+    """
+    B, T, _ = x_in.shape
+    Hkv, dh = cfg.kv_heads, cfg.head_dim
+    G = cfg.n_heads // Hkv
+    q = np.transpose(np.reshape(np.matmul(q_in, p["wq"]), (B, T, Hkv, G, dh)), (0, 2, 3, 1, 4))  # [B,Hkv,G,T,dh]
+    k = np.transpose(np.reshape(np.matmul(x_in, p["wk"]), (B, T, Hkv, dh)), (0, 2, 1, 3))        # [B,Hkv,T,dh]
+    v = np.transpose(np.reshape(np.matmul(x_in, p["wv"]), (B, T, Hkv, dh)), (0, 2, 1, 3))        # [B,Hkv,T,dh]
+    if cfg.rope != "none":
+        tables = rope_tables(cfg, pos0, T)
+        q, k = apply_rope(q, tables), apply_rope(k, tables)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, eps=cfg.norm_eps), rms_norm(k, eps=cfg.norm_eps)
+    k_all, v_all = (k, v) if past is None else (np.concatenate([past[0], k], axis=2),
+                                                np.concatenate([past[1], v], axis=2))     # [B,Hkv,S,dh]
+    S = k_all.shape[2]
+    kT = np.reshape(np.swapaxes(k_all, -1, -2), (B, Hkv, 1, dh, S))                       # [B,Hkv,1,dh,S]
+    scores = np.matmul(q, kT) * (1.0 / math.sqrt(dh))                                    # [B,Hkv,G,T,S]
+    causal = onp.arange(S)[None, :] <= onp.arange(S - T, S)[:, None]                    # [T,S] key j <= query i
+    att = softmax(np.where(causal, scores, -onp.inf))                                   # [B,Hkv,G,T,S]
+    y = np.matmul(att, np.reshape(v_all, (B, Hkv, 1, S, dh)))                           # [B,Hkv,G,T,dh]
+    y = np.reshape(np.transpose(y, (0, 3, 1, 2, 4)), (B, T, cfg.n_heads * dh))          # [B,T,H*dh]
+    return np.matmul(y, p["wo"]), (k, v)
+
+
+def mlp(p, u, cfg):
+    """relu2: W2 relu(W1 u)^2 (FLT code);  gelu: W2 gelu(W1 u);  swiglu: W2 (silu(W1 u) * W3 u) (Llama). [..., d]"""
+    h = np.matmul(u, p["w1"])
+    if cfg.mlp == "relu2":
+        h = np.maximum(h, 0.0) ** 2
+    elif cfg.mlp == "gelu":
+        h = gelu(h)
+    else:
+        h = silu(h) * np.matmul(u, p["w3"])
+    return np.matmul(h, p["w2"])
+
+
+def moe(p, u, cfg, routing=None):
+    """Top-k mixture of experts:  y = sum_e gate_e(u) * Expert_e(u),  gate = renormalised top-k of softmax(u Wr).
+
+    u: [B, T, d]. routing: None (route here) or a routing returned by an earlier call, reused as it is
+    (expert choice AND gate weights: what the training-free paper's routing freeze does).
+    Returns (y [B, T, d], routing, aux) with routing = {"idx": [B,T,k] expert ids, "gates": [B,T,E] weights,
+    zero off the chosen experts} and aux the Switch load-balancing loss E * sum_e frac_e * prob_e.
+    All experts are evaluated densely (E is small here); the gates select.
+    """
+    E = cfg.n_experts
+    if routing is None:
+        probs = softmax(np.matmul(u, p["router"]))                                     # [B,T,E]
+        idx = onp.argsort(-getval(probs), axis=-1, kind="stable")[..., :cfg.top_k]     # [B,T,k] top-k, no grad
+        chosen = (idx[..., None] == onp.arange(E)).any(axis=-2)                        # [B,T,E] bool
+        masked = np.where(chosen, probs, 0.0)
+        gates = masked / np.sum(masked, axis=-1, keepdims=True)                        # [B,T,E]
+        n = probs.shape[0] * probs.shape[1]
+        frac = onp.sum(chosen, axis=(0, 1)) / (n * cfg.top_k)                          # [E] share of assignments
+        aux = E * np.sum(frac * np.sum(probs, axis=(0, 1)) * (1.0 / n))
+        routing = {"idx": idx, "gates": gates}
+    else:
+        aux = 0.0
+    h = np.einsum("btd,edf->btef", u, p["w1"])                                         # [B,T,E,f]
+    if cfg.mlp == "relu2":
+        h = np.maximum(h, 0.0) ** 2
+    elif cfg.mlp == "gelu":
+        h = gelu(h)
+    else:
+        h = silu(h) * np.einsum("btd,edf->btef", u, p["w3"])
+    out = np.einsum("btef,efd->bted", h, p["w2"])                                      # [B,T,E,d]
+    return np.sum(routing["gates"][..., None] * out, axis=2), routing, aux
+
+
+@primitive
+def embed_lookup(E, tokens):
+    """Rows of the embedding table: E[tokens].  E [V, d], tokens [B, T] -> [B, T, d]."""
+    return E[tokens]
+
+
+# Its gradient scatters g back onto the looked-up rows: dE = one_hot(tokens)^T g (a matmul; autograd's own
+# getitem VJP uses np.add.at, which is ~100x slower at these sizes).
+defvjp(embed_lookup, lambda ans, E, tokens: lambda g: np.matmul(
+    _one_hot(tokens, E.shape[0], g.dtype).reshape(-1, E.shape[0]).T, np.reshape(g, (-1, E.shape[1]))))
+
+
+def _one_hot(ids, n, dtype="float32"):
+    return (onp.asarray(ids)[..., None] == onp.arange(n)).astype(dtype)
+
+
+def readout(params, h, cfg):
+    """logits = c * tanh(h W_out / c)  (softcap c = 15 in the FLT code). h: [B, T, d] -> [B, T, vocab]."""
+    W = np.transpose(params["embed"]) if cfg.tie_embeddings else params["head"]
+    z = np.matmul(h, W)
+    return z if cfg.softcap is None else cfg.softcap * np.tanh(z * (1.0 / cfg.softcap))
+
+
+# ============================================================================================================
+# 3. The pre-norm block
+# ============================================================================================================
+def block(p, x, cfg, pos0=0, q=None, past=None, routing=None):
+    """One pre-norm layer, its two residual lines ([FLT] code, Block.forward):
+
+        x'  = x  + Attn(Q = n(q), K = n(x), V = n(x))      q = x (self-attention) unless injected
+        x'' = x' + FFN(n(x'))
+
+    x, q: [B, T, d]. Returns (x'' [B, T, d], extras) with extras = {"kv": (k, v) of these positions,
+    "routing": the MoE routing used (None for a dense MLP), "aux": the MoE balancing loss}.
+    """
+    s, eps = cfg.branch_scale, cfg.norm_eps
+    u = rms_norm(x, p.get("g_attn"), eps)
+    uq = u if q is None else rms_norm(q, p.get("g_attn"), eps)
+    a, kv = attention(p["attn"], uq, u, cfg, pos0, past)
+    x = x + s * a
+    u = rms_norm(x, p.get("g_mlp"), eps)
+    if cfg.n_experts:
+        f, routing, aux = moe(p["moe"], u, cfg, routing)
+    else:
+        f, aux = mlp(p["mlp"], u, cfg), 0.0
+    x = x + s * f
+    return x, {"kv": kv, "routing": routing, "aux": aux}
+
+
+# ============================================================================================================
+# 4. Models
+# ============================================================================================================
+def param_shapes(cfg):
+    """The parameter tree as shapes: {"embed", "head"?, "g_final"?, "layers": [{"attn", "mlp" | "moe", ...}]}."""
+    d, f, V, E = cfg.d_model, cfg.ff, cfg.vocab, cfg.n_experts
+    hq, hkv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    layer = {"attn": {"wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d)}}
+    ffn = {"w1": (d, f), "w2": (f, d)}
+    if cfg.mlp == "swiglu":
+        ffn["w3"] = (d, f)
+    if E:
+        layer["moe"] = {"router": (d, E), **{k: (E,) + s for k, s in ffn.items()}}
+    else:
+        layer["mlp"] = ffn
+    if cfg.norm == "rms_gain":
+        layer["g_attn"], layer["g_mlp"] = (d,), (d,)
+    tree = {"embed": (V, d), "layers": [layer] * cfg.n_layers}
+    if not cfg.tie_embeddings:
+        tree["head"] = (d, V)
+    if cfg.norm == "rms_gain":
+        tree["g_final"] = (d,)
+    return tree
+
+
+def init_params(cfg, rng):
+    """Initialisation of the FLT code (nanochat): embedding N(0, 1); readout N(0, 0.001); q, k, v, router and
+    the MLP input uniform with std 1/sqrt(d); attention and MLP OUTPUT projections zero (every block starts
+    as the identity); gains one. rng: a numpy Generator or an int seed."""
+    rng = onp.random.default_rng(rng)
+    bound = math.sqrt(3.0 / cfg.d_model)              # uniform(-b, b) has std b / sqrt(3) = 1 / sqrt(d)
+
+    def make(name, shape):
+        if name == "embed":
+            w = rng.standard_normal(shape)
+        elif name == "head":
+            w = 0.001 * rng.standard_normal(shape)
+        elif name in ("wo", "w2"):
+            w = onp.zeros(shape)
+        elif name.startswith("g_"):
+            w = onp.ones(shape)
+        else:
+            w = rng.uniform(-bound, bound, shape)
+        return w.astype(cfg.dtype)
+
+    def walk(tree, name=""):
+        if isinstance(tree, dict):
+            return {k: walk(v, k) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [walk(v, name) for v in tree]
+        return make(name, tree)
+
+    return walk(param_shapes(cfg))
+
+
+def n_params(params):
+    return int(sum(a.size for a in _leaves(params)))
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _leaves(tree[k])]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
+
+
+def _check_tokens(tokens, cfg):
+    tokens = onp.asarray(tokens)
+    _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}")
+    _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", "must be integer token ids")
+    _check(tokens.shape[1] <= cfg.seq_len, "tokens", f"{tokens.shape[1]} positions > seq_len={cfg.seq_len}")
+    _check(tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < cfg.vocab), "tokens",
+           f"ids must be in [0, vocab={cfg.vocab})")
+    return tokens
+
+
+def final_norm(params, x, cfg):
+    return rms_norm(x, params.get("g_final"), cfg.norm_eps)
+
+
+def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_layers=None,
+            all_logits=False, diagnostics=True):
+    """Logits of one of the [FLT] model family, and per-loop diagnostics.
+
+    tokens: [B, T] ints. variant: "standard" (the stack once, no loop) or a looped variant run n_loops times
+    (default cfg.n_loops; any K >= 1 works at inference). With e = E[tokens], n = parameter-free RMSNorm,
+    F = the L-layer stack and h_t = n(x at the end of loop t):
+
+        loop 1 (all variants):  x = n(e), run F                      an ordinary transformer
+        LT       loop t > 1:    x = h_{t-1}, run F                   no input injection
+        LT_i     loop t > 1:    x = n(e + h_{t-1}), run F            additive injection
+        LT_ia    loop t > 1:    x = n(e); layer 1 attends with query h_{t-1}, layers 2..L plain
+        FLT_res  loop t > 1:    x = n(e); before EVERY layer x = n(x + h_{t-1})
+        FLT      loop t > 1:    x = n(e); EVERY layer attends with query h_{t-1}   (FLA + Attention Injection)
+        logits = softcap(h_K W_out)
+
+    window: a LoopSpec (or dict of its fields) to loop a window of the frozen "standard" stack, [TFL].
+    loop_layers: optional list of K layer-parameter lists used instead of params["layers"] in each loop
+    (pass K references to the same list to get each loop's share of the gradient; the total is their sum).
+    Returns (logits [B, T, vocab], diag) with diag["hidden_norm"] [K] (token mean of ||x||_2 at the end of
+    each loop, before the inter-loop norm), diag["cos_sim"] [K] (mean cosine similarity between the final
+    states of different sequences at the same position; -> 1 when every input maps to the same state),
+    diag["aux"] (MoE balancing loss, traced) and, with all_logits=True, diag["loop_logits"] (one per loop).
+    """
+    _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
+    K = cfg.n_loops if n_loops is None else n_loops
+    _check(isinstance(K, (int, onp.integer)) and K >= 1, "n_loops", f"must be an integer >= 1, got {K!r}")
+    _check(variant != "standard" or n_loops in (None, 1), "n_loops",
+           "the standard transformer is not looped; use a looped variant or a training-free window")
+    _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
+    _check(loop_layers is None or len(loop_layers) == K, "loop_layers", f"needs one layer list per loop ({K})")
+    tokens = _check_tokens(tokens, cfg)
+    K = 1 if variant == "standard" else int(K)
+    e = embed_lookup(params["embed"], tokens)                               # [B,T,d]
+    eps = cfg.norm_eps
+    h, aux, states, loop_logits = None, 0.0, [], []
+    for t in range(K):
+        layers = params["layers"] if loop_layers is None else loop_layers[t]
+        if t == 0 or variant in ("FLT", "FLT_res", "LT_ia"):
+            x = rms_norm(e, eps=eps)                                        # (re)start from n(e)
+        elif variant == "LT":
+            x = h                                                           # h_t = n(F(h_{t-1}))
+        else:
+            x = rms_norm(e + h, eps=eps)                                    # LT_i: h_t = n(F(n(e + h_{t-1})))
+        if window is not None:
+            x = loop_window([Layer(p, cfg) for p in layers], x, **_as_spec(window, len(layers)).kwargs())
+        else:
+            for l, p in enumerate(layers):
+                inject = t > 0 and (variant == "FLT" or (variant == "LT_ia" and l == 0))
+                if t > 0 and variant == "FLT_res":
+                    x = rms_norm(x + h, eps=eps)                            # FLA with additive injection
+                x, ex = block(p, x, cfg, q=h if inject else None)           # Attention Injection: Q = n(h)
+                aux = aux + ex["aux"]
+        states.append(x)
+        h = final_norm(params, x, cfg)
+        if all_logits:
+            loop_logits.append(readout(params, h, cfg))
+    logits = loop_logits[-1] if all_logits else readout(params, h, cfg)
+    diag = {"aux": aux}
+    if all_logits:
+        diag["loop_logits"] = loop_logits
+    if diagnostics:
+        diag["hidden_norm"] = onp.array([_token_mean_norm(getval(s)) for s in states])
+        diag["cos_sim"] = onp.array([_cross_sequence_cosine(getval(s)) for s in states])
+    return logits, diag
+
+
+def _token_mean_norm(x):
+    return float(onp.mean(onp.linalg.norm(onp.asarray(x, dtype=onp.float64), axis=-1)))
+
+
+def _cross_sequence_cosine(x):
+    """Mean over positions of the mean cosine similarity between different sequences' states. x: [B, T, d]."""
+    B = x.shape[0]
+    if B < 2:
+        return float("nan")
+    u = onp.asarray(x, dtype=onp.float64)
+    u = u / (onp.linalg.norm(u, axis=-1, keepdims=True) + 1e-12)
+    s = onp.sum(u, axis=0)                                               # [T,d]
+    pair_sum = onp.sum(s * s, axis=-1) - B                               # sum over b != b' of cos
+    return float(onp.mean(pair_sum / (B * (B - 1))))
+
+
+# ============================================================================================================
+# 5. Data: embedded toy tasks (generated on the fly; no download, ever). Both experiment scripts import these.
+#    A sequence is [TASK, inputs..., SEP, answer..., PAD...]; the loss and exact match count answer tokens only.
+# ============================================================================================================
+PAD, SEP = 10, 11                        # token ids 0..9 are the digits
+TASKS = ("copy", "reverse", "sort", "add", "parity", "khop")
+TASK_TOKEN = {t: 12 + i for i, t in enumerate(TASKS)}
+VOCAB = 12 + len(TASKS)                  # 18 ids in all
+
+
+def make_example(task, rng, n=6):
+    """One (prompt, answer, answer alphabet size) of a task. n sets the input length.
+      copy / reverse / sort   n digits -> the same digits / reversed / sorted ascending
+      add                     two n//2-digit numbers, digits least-significant first -> their sum (n//2 + 1 digits)
+      parity                  n bits -> running parity (prefix XOR), n bits: sequential, one carry per step
+      khop                    a table A of 10 digits, a start s and a hop count k in 1..4 -> A^k(s): pointer chasing
+    """
+    if task in ("copy", "reverse", "sort"):
+        x = rng.integers(0, 10, n).tolist()
+        ans = {"copy": x, "reverse": x[::-1], "sort": sorted(x)}[task]
+        return [TASK_TOKEN[task]] + x, ans, 10
+    if task == "add":
+        m = max(n // 2, 1)
+        a, b = rng.integers(0, 10, m).tolist(), rng.integers(0, 10, m).tolist()
+        total = sum((a[i] + b[i]) * 10 ** i for i in range(m))
+        ans = [(total // 10 ** i) % 10 for i in range(m + 1)]
+        return [TASK_TOKEN[task]] + a + b, ans, 10
+    if task == "parity":
+        bits = rng.integers(0, 2, n).tolist()
+        return [TASK_TOKEN[task]] + bits, onp.cumsum(bits).__mod__(2).tolist(), 2
+    if task == "khop":
+        table, s, k = rng.integers(0, 10, 10).tolist(), int(rng.integers(0, 10)), int(rng.integers(1, 5))
+        y = s
+        for _ in range(k):
+            y = table[y]
+        return [TASK_TOKEN[task]] + table + [s, k], [y], 10
+    raise ValueError(f"task: unknown task {task!r}; choose from {TASKS}")
+
+
+def example_length(task, n=6):
+    """Length of [prompt, SEP, answer] for a task (all examples of a task have the same length)."""
+    prompt, ans, _ = make_example(task, onp.random.default_rng(0), n)
+    return len(prompt) + 1 + len(ans)
+
+
+def make_batch(tasks, batch_size, length, rng, n=6):
+    """A batch mixing `tasks` uniformly. length = positions the model sees (sequences are length + 1 long).
+    Returns dict: tokens [B, length] (inputs), targets [B, length] (next tokens), mask [B, length] (1 where
+    the target is an answer token), task [B] (index into tasks), answer_start [B] (first answer target
+    position), log_alphabet [B, length] (log of the answer alphabet size, the chance-level loss per token)."""
+    for t in tasks:
+        _check(t in TASKS, "tasks", f"unknown task {t!r}; choose from {TASKS}")
+        _check(example_length(t, n) <= length + 1, "length", f"task {t} needs {example_length(t, n) - 1} positions")
+    seqs = onp.full((batch_size, length + 1), PAD, dtype=onp.int64)
+    mask = onp.zeros((batch_size, length), dtype=onp.float32)
+    logalpha = onp.zeros((batch_size, length))
+    which = rng.integers(0, len(tasks), batch_size)
+    start = onp.zeros(batch_size, dtype=onp.int64)
+    for i, ti in enumerate(which):
+        prompt, ans, alpha = make_example(tasks[ti], rng, n)
+        s = prompt + [SEP] + ans
+        seqs[i, :len(s)] = s
+        start[i] = len(prompt)                       # target index of the first answer token (input = SEP)
+        mask[i, start[i]:start[i] + len(ans)] = 1.0
+        logalpha[i, start[i]:start[i] + len(ans)] = math.log(alpha)
+    return {"tokens": seqs[:, :-1], "targets": seqs[:, 1:], "mask": mask, "task": which,
+            "answer_start": start, "log_alphabet": logalpha}
+
+
+def chance_loss(batch):
+    """Cross-entropy of guessing each answer token uniformly from its alphabet (the collapse reference)."""
+    return float(onp.sum(batch["log_alphabet"] * batch["mask"]) / onp.sum(batch["mask"]))
+
+
+def exact_match(logits, batch):
+    """Per-example exact match: every answer token is the argmax of its (teacher-forced) logits. With
+    deterministic answers this equals greedy decoding getting the whole answer right. -> bool [B]."""
+    pred = onp.argmax(getval(logits), axis=-1)
+    wrong = (pred != batch["targets"]) & (batch["mask"] > 0)
+    return ~onp.any(wrong, axis=1)
+
+
+def per_task_accuracy(logits, batch, tasks):
+    ok = exact_match(logits, batch)
+    return {t: float(onp.mean(ok[batch["task"] == i])) for i, t in enumerate(tasks) if onp.any(batch["task"] == i)}
+
+
+# ============================================================================================================
+# 6. Training
+# ============================================================================================================
+def cross_entropy(logits, targets, mask=None):
+    """Mean over counted positions of -log softmax(logits)[target].  logits [B,T,V], targets/mask [B,T]."""
+    logp = log_softmax(logits)
+    nll = -np.sum(logp * _one_hot(targets, logits.shape[-1], logits.dtype), axis=-1)   # [B,T] -log p(target)
+    if mask is None:
+        return np.sum(nll) * (1.0 / nll.size)
+    m = onp.asarray(mask, dtype=logits.dtype if hasattr(logits, "dtype") else onp.float64)
+    return np.sum(nll * m) * (1.0 / max(float(m.sum()), 1.0))
+
+
+def loss_fn(params, batch, cfg, variant="FLT", n_loops=None, supervise="end", aux_coef=0.0,
+            loop_layers=None, window=None, diag_out=None):
+    """Training loss: cross-entropy of the LAST loop's logits ("END", [FLT]) or the mean over every loop
+    ("all"), plus aux_coef * MoE balancing loss. diag_out (a dict) receives the forward's diagnostics."""
+    tokens, targets, mask = batch
+    logits, diag = forward(params, tokens, cfg, variant, n_loops, window=window, loop_layers=loop_layers,
+                           all_logits=(supervise == "all"), diagnostics=diag_out is not None)
+    if supervise == "all":
+        loss = sum(cross_entropy(z, targets, mask) for z in diag["loop_logits"]) * (1.0 / len(diag["loop_logits"]))
+    else:
+        loss = cross_entropy(logits, targets, mask)
+    if diag_out is not None:
+        diag_out.update({k: v for k, v in diag.items() if k in ("hidden_norm", "cos_sim")})
+    return loss + aux_coef * diag["aux"] if aux_coef else loss
+
+
+def flatten(tree):
+    """Parameter tree -> (1-D float vector, unflatten). Plain NumPy: only used outside the gradient tape."""
+    leaves = _leaves(tree)
+    shapes = [a.shape for a in leaves]
+    sizes = [int(onp.prod(s)) for s in shapes]
+    vec = onp.concatenate([onp.ravel(a) for a in leaves]) if leaves else onp.zeros(0)
+
+    def unflatten(v):
+        it = iter(onp.split(v, onp.cumsum(sizes)[:-1]))
+
+        def walk(t):
+            if isinstance(t, dict):
+                return {k: walk(t[k]) for k in sorted(t)}
+            if isinstance(t, list):
+                return [walk(x) for x in t]
+            return next(it).reshape(t.shape)
+        return walk(tree)
+    return vec, unflatten
+
+
+def lr_schedule(step, steps, lr, warmdown=0.2):
+    """[FLT] recipe: constant LR, no warm-up, then linear decay to 0 over the last `warmdown` fraction."""
+    n_down = int(round(warmdown * steps))
+    if n_down == 0 or step < steps - n_down:
+        return lr
+    return lr * (steps - step) / n_down
+
+
+def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1.0, betas=(0.8, 0.95),
+          eps=1e-10, weight_decay=0.0, warmdown=0.2, supervise="end", aux_coef=None, log_every=10,
+          loop_grad_every=0, blowup=3.0, progress=True, desc=None, window=None):
+    """Adam(W) with global-norm gradient clipping and the [FLT] schedule. get_batch(step) -> (tokens,
+    targets, mask). Every step records loss, LR and the gradient norm BEFORE clipping; every log_every
+    steps the per-loop hidden norms and cross-sequence cosines; every loop_grad_every steps (0 = never) the
+    per-loop gradient norms. A non-finite loss or gradient, or a loss above blowup x the first loss, stops
+    training as "diverged at step N": the last finite parameters are returned, never NaN.
+    Returns (params, history)."""
+    from tqdm.auto import tqdm
+    _check(isinstance(steps, int) and steps >= 1, "steps", f"must be a positive integer, got {steps!r}")
+    _check(lr > 0, "lr", f"must be positive, got {lr}")
+    _check(clip is None or clip > 0, "clip", "must be positive or None")
+    _check(supervise in ("end", "all"), "supervise", f"must be 'end' or 'all', got {supervise!r}")
+    _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
+    K = None if variant == "standard" else (cfg.n_loops if n_loops is None else n_loops)
+    aux_coef = (0.01 if cfg.n_experts else 0.0) if aux_coef is None else aux_coef
+    b1, b2 = betas
+    vec, unflatten = flatten(params)
+    m, v = onp.zeros_like(vec), onp.zeros_like(vec)
+    hist = {"loss": [], "grad_norm": [], "lr": [], "log_step": [], "hidden_norm": [], "cos_sim": [],
+            "loop_grad_step": [], "loop_grad_norm": [], "diverged_at": None, "status": "ok"}
+
+    def objective(p, batch, diag_out):
+        return loss_fn(p, batch, cfg, variant, K, supervise, aux_coef, window=window, diag_out=diag_out)
+    vg = value_and_grad(objective)
+
+    def loop_objective(loop_layers, p, batch):
+        return loss_fn(p, batch, cfg, variant, K, supervise, aux_coef, loop_layers=loop_layers, window=window)
+    loop_grad = value_and_grad(loop_objective)
+
+    bar = tqdm(range(steps), desc=desc or f"{variant} K={K}", disable=not progress, leave=False)
+    for step in bar:
+        batch = get_batch(step)
+        logging = log_every and step % log_every == 0
+        diag = {} if logging else None
+        loss, g = vg(params, batch, diag)
+        gvec, _ = flatten(g)
+        loss = float(loss)
+        gnorm = float(onp.sqrt(onp.sum(onp.asarray(gvec, dtype=onp.float64) ** 2)))
+        first = hist["loss"][0] if hist["loss"] else loss
+        if not (math.isfinite(loss) and math.isfinite(gnorm)) or loss > blowup * first:
+            hist["diverged_at"], hist["status"] = step, "diverged"
+            hist["loss"].append(loss if math.isfinite(loss) else None)
+            hist["grad_norm"].append(gnorm if math.isfinite(gnorm) else None)
+            hist["lr"].append(0.0)
+            break
+        if logging:
+            hist["log_step"].append(step)
+            hist["hidden_norm"].append(diag["hidden_norm"].tolist())
+            hist["cos_sim"].append(diag["cos_sim"].tolist())
+        if loop_grad_every and step % loop_grad_every == 0 and variant != "standard":
+            _, lg = loop_grad([params["layers"]] * K, params, batch)
+            hist["loop_grad_step"].append(step)
+            hist["loop_grad_norm"].append([float(onp.linalg.norm(flatten(x)[0])) for x in lg])
+        scale = 1.0 if clip is None or gnorm <= clip else clip / gnorm     # clip the global norm to `clip`
+        lr_t = lr_schedule(step, steps, lr, warmdown)
+        gvec = gvec * scale
+        m = b1 * m + (1 - b1) * gvec                                         # Adam moments
+        v = b2 * v + (1 - b2) * gvec * gvec
+        mhat, vhat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
+        vec = vec * (1 - lr_t * weight_decay) - lr_t * mhat / (onp.sqrt(vhat) + eps)   # decoupled decay (AdamW)
+        vec = vec.astype(cfg.dtype)
+        params = unflatten(vec)
+        hist["loss"].append(loss)
+        hist["grad_norm"].append(gnorm)
+        hist["lr"].append(lr_t)
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{gnorm:.2f}")
+    bar.close()
+    return params, hist
+
+
+# ============================================================================================================
+# 7. Checkpoints
+# ============================================================================================================
+_FORMAT = "tinyloop-npz-1"
+
+
+def _named_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _named_leaves(tree[k], f"{prefix}{k}.")]
+    if isinstance(tree, list):
+        return [x for i, v in enumerate(tree) for x in _named_leaves(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], tree)]
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a reader never sees a half-written file."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(path, params, cfg, meta=None):
+    """Write params + config (+ optional JSON-able meta) to one .npz file, atomically."""
+    _check(str(path).endswith(".npz"), "path", f"must end in .npz, got {path!r}")
+    arrays = {f"p.{k}": onp.asarray(v) for k, v in _named_leaves(params)}
+    arrays["__format__"] = onp.array(_FORMAT)
+    arrays["__config__"] = onp.array(json.dumps(dataclasses.asdict(cfg)))
+    arrays["__meta__"] = onp.array(json.dumps(meta or {}))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            onp.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def load(path, expect_cfg=None):
+    """Read a file written by save(). Returns (params, cfg, meta). Raises ValueError naming `path` for a
+    missing, corrupt, truncated or foreign file, and for parameters whose names or shapes do not match the
+    stored config (or `expect_cfg`, when given)."""
+    path = os.fspath(path)
+    _check(os.path.exists(path), "path", f"no checkpoint at {path!r}")
+    try:
+        with onp.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise ValueError(f"path: {path!r} is not a readable tinyloop checkpoint ({err})") from None
+    _check("__format__" in data and str(data["__format__"]) == _FORMAT, "path",
+           f"{path!r} is not a tinyloop checkpoint (format tag missing or wrong)")
+    try:
+        cfg = Config(**json.loads(str(data["__config__"])))
+        meta = json.loads(str(data["__meta__"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"path: {path!r} has an unreadable config ({err})") from None
+    if expect_cfg is not None:
+        _check(cfg == expect_cfg, "path", f"{path!r} holds a model with a different config: {cfg} != {expect_cfg}")
+    names = dict(_named_leaves(param_shapes(cfg)))
+    stored = {k[2:]: v for k, v in data.items() if k.startswith("p.")}
+    _check(set(stored) == set(names), "path", f"{path!r}: parameter names do not match its config "
+           f"(missing {sorted(set(names) - set(stored))[:3]}, extra {sorted(set(stored) - set(names))[:3]})")
+    for k, shape in names.items():
+        _check(stored[k].shape == tuple(shape), "path", f"{path!r}: {k} has shape {stored[k].shape}, "
+               f"config says {tuple(shape)}")
+        _check(bool(onp.all(onp.isfinite(stored[k]))), "path", f"{path!r}: {k} holds non-finite values")
+
+    def build(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: build(v, f"{prefix}{k}.") for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [build(v, f"{prefix}{i}.") for i, v in enumerate(tree)]
+        return stored[prefix[:-1]].astype(cfg.dtype)
+    return build(param_shapes(cfg)), cfg, meta
+
+
+# ============================================================================================================
+# 8. Training-free looping [TFL]
+#
+# The ODE view. A frozen pre-norm layer is x -> x + F(x): ONE forward-Euler step of size h = 1 of the ODE
+# dx/dt = F(x). A window of layers [a..b] is a block map g with residual field F_g(x) = g(x) - x, so one pass
+# through the window is one Euler step over t in [0, 1]. The layers after the window expect the state at
+# t = 1, so looping must REFINE that step (smaller sub-steps over the same interval), not integrate to t = K.
+# ============================================================================================================
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit Runge-Kutta method: stage i evaluates k_i = F(x + h sum_{j<i} A[i][j] k_j) (time t + c_i h),
+    and the step returns x + h sum_i b_i k_i. `order` is the declared order of accuracy."""
+    name: str
+    A: tuple
+    b: tuple
+    c: tuple
+    order: int
+
+
+EULER = Tableau("euler", ((0.0,),), (1.0,), (0.0,), 1)
+MIDPOINT = Tableau("midpoint", ((0.0, 0.0), (0.5, 0.0)), (0.0, 1.0), (0.0, 0.5), 2)
+HEUN = Tableau("heun", ((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), (0.0, 1.0), 2)
+RK4 = Tableau("rk4", ((0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0)),
+              (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0), 4)
+TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4)}
+
+
+def anchored_tableau(K, beta=0.5):
+    """The anchored K-stage method of [TFL] as ONE explicit RK step of size h = 1 over the window:
+        c_i = (i-1)/K,   A[i][j] = 1/K for j < i,   b_1 = beta + (1-beta)/K,   b_i = (1-beta)/K for i >= 2.
+    Stage i's state is the (i-1)-th damped-Euler iterate, so the step returns beta*g(x0) + (1-beta)*x_K.
+    First order for beta < 1 (sum b = 1); beta = 1 is the frozen model's own step."""
+    _check_loop_args(K=K, beta=beta)
+    A = tuple(tuple(1.0 / K if j < i else 0.0 for j in range(K)) for i in range(K))
+    b = (beta + (1 - beta) / K,) + ((1 - beta) / K,) * (K - 1)
+    return Tableau(f"anchored(K={K}, beta={beta})", A, b, tuple(i / K for i in range(K)), 1)
+
+
+def rk_step(F, x, h, tab):
+    """One explicit RK step of size h for dx/dt = F(x) (autonomous), driven by the tableau."""
+    ks = []
+    for i in range(len(tab.b)):
+        xi = x
+        for j in range(i):
+            if tab.A[i][j]:
+                xi = xi + (h * tab.A[i][j]) * ks[j]
+        ks.append(F(xi))
+    out = x
+    for bi, k in zip(tab.b, ks):
+        if bi:
+            out = out + (h * bi) * k
+    return out
+
+
+def integrate(F, x0, tab, t1=1.0, h=None):
+    """Integrate dx/dt = F(x) from 0 to t1 with steps of size h (default t1); when h does not divide t1,
+    the last step is shortened so the end point is exactly t1."""
+    h = t1 if h is None else h
+    _check(h > 0, "h", f"step size must be positive, got {h}")
+    n = max(1, math.ceil(t1 / h - 1e-9))
+    x = x0
+    for i in range(n):
+        x = rk_step(F, x, h if i < n - 1 else t1 - (n - 1) * h, tab)
+    return x
+
+
+LOOP_METHODS = ("naive", "euler", "rk")      # the paper's three rules
+ABLATION_METHODS = ("midpoint", "heun", "rk4")  # classical RK with h = 1/K on F_g (lost in [TFL]'s ablation)
+MODES = ("block", "layer")
+
+
+def _check_loop_args(n_layers=None, a=None, b=None, K=None, method=None, mode=None, beta=None, routing=None):
+    if K is not None:
+        _check(isinstance(K, (int, onp.integer)) and not isinstance(K, bool) and K >= 1, "K",
+               f"loop count must be an integer >= 1, got {K!r}")
+    if n_layers is not None:
+        for name, v in (("a", a), ("b", b)):
+            _check(isinstance(v, (int, onp.integer)) and 0 <= v < n_layers, name,
+                   f"window end {v!r} is outside the stack of {n_layers} layers (0-indexed)")
+        _check(a <= b, "a", f"window start a={a} is after its end b={b}")
+    if method is not None:
+        _check(method in LOOP_METHODS + ABLATION_METHODS, "method",
+               f"unknown method {method!r}; choose from {LOOP_METHODS + ABLATION_METHODS}")
+    if mode is not None:
+        _check(mode in MODES, "mode", f"unknown mode {mode!r}; choose from {MODES}")
+    if beta is not None:
+        _check(0.0 <= beta <= 1.0, "beta", f"must be in [0, 1], got {beta}")
+    if routing is not None:
+        _check(routing in ("freeze", "thrash"), "routing", f"must be 'freeze' or 'thrash', got {routing!r}")
+
+
+def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None):
+    """Apply one [TFL] update rule to the map g (a whole window, or one layer) from the state x0.
+    y0 = g(x0), the natural pass, may be passed in (the MoE routing freeze computes it). g is evaluated
+    K times in all for naive / euler / rk; every rule returns g(x0) itself, bitwise, at K = 1.
+
+        naive   x <- g(x), K times                                 -> g^K(x0)
+        euler   x <- x + (1/K) (g(x) - x), K times                  (damped: K sub-steps over t in [0, 1])
+        rk      y0 = g(x0); x_K = damped Euler from x0 (its first step reuses y0);
+                out = beta * y0 + (1 - beta) * x_K                  (anchored blend; beta = 0 is euler)
+        midpoint / heun / rk4   K classical RK steps of size 1/K on F_g = g - id (the paper's ablation)
+    """
+    y = g(x0) if y0 is None else y0                       # the natural pass: the frozen model's own step
+    if K == 1 and method in LOOP_METHODS:
+        return y
+    if method == "naive":
+        for _ in range(K - 1):
+            y = g(y)
+        return y
+    if method in ABLATION_METHODS:
+        return integrate(lambda x: g(x) - x, x0, TABLEAUS[method], t1=1.0, h=1.0 / K)
+    h = 1.0 / K
+    x = x0 + h * (y - x0)                                 # damped Euler step 1, from the natural pass
+    for _ in range(K - 1):
+        x = x + h * (g(x) - x)                            # x <- x + h F_g(x)
+    if method == "euler":
+        return x
+    return beta * y + (1.0 - beta) * x                    # anchored Runge-Kutta blend
+
+
+def loop_window(layers, x, a, b, K=3, method="rk", mode="block", beta=0.5, routing="freeze"):
+    """Run the stack `layers` (any callables layer(x) -> x on a [T, d] or [B, T, d] state) on x, looping the
+    window [a..b] (inclusive, 0-indexed) with a [TFL] rule; layers outside the window run once, unchanged.
+
+    mode "block": the rule is applied to g = L_b o ... o L_a, the whole window.
+    mode "layer": the rule is applied to each window layer in turn; the anchored blend happens at each
+                  layer's exit. A layer with a .freeze(x) -> (y, frozen_layer) method (an MoE layer) has its
+                  expert choice and gate weights frozen at the natural pass when routing="freeze" (the
+                  sub-steps reuse them); routing="thrash" re-routes at every sub-step. Block mode always
+                  re-routes, as in the paper.
+    """
+    _check(len(layers) >= 1, "layers", "needs at least one layer")
+    _check_loop_args(len(layers), a, b, K, method, mode, beta, routing)
+    for layer in layers[:a]:
+        x = layer(x)
+    window = layers[a:b + 1]
+    if mode == "block":
+        def g(z):
+            for layer in window:
+                z = layer(z)
+            return z
+        x = loop_rule(g, x, K, method, beta)
+    else:
+        for layer in window:
+            if routing == "freeze" and hasattr(layer, "freeze"):
+                y0, frozen = layer.freeze(x)              # the natural pass picks experts and gate weights
+                x = loop_rule(frozen, x, K, method, beta, y0=y0)
+            else:
+                x = loop_rule(layer, x, K, method, beta)
+    for layer in layers[b + 1:]:
+        x = layer(x)
+    return x
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Where and how to loop a frozen model: window [a..b], K, method, mode, beta, MoE routing.
+    The paper's fixed recipe is a 4-layer mid-stack window, K = 3, anchored RK with beta = 0.5."""
+    a: int
+    b: int
+    K: int = 3
+    method: str = "rk"
+    mode: str = "block"
+    beta: float = 0.5
+    routing: str = "freeze"
+
+    def __post_init__(self):
+        _check_loop_args(K=self.K, method=self.method, mode=self.mode, beta=self.beta, routing=self.routing)
+
+    def kwargs(self):
+        return {"a": self.a, "b": self.b, "K": self.K, "method": self.method, "mode": self.mode,
+                "beta": self.beta, "routing": self.routing}
+
+
+def _as_spec(window, n_layers):
+    spec = window if isinstance(window, LoopSpec) else LoopSpec(**window)
+    _check_loop_args(n_layers, spec.a, spec.b)
+    return spec
+
+
+def depth_fraction(a, b, n_layers):
+    """[TFL]'s window position: the centre (a + b) / 2 over the number of layers N (0-indexed layers)."""
+    return (a + b) / 2 / n_layers
+
+
+class Layer:
+    """One frozen tinyloop block as a callable x -> x, the unit loop_window works with.
+    pos0 / past: position of x's first token and a read-only KV cache (decoding; sub-steps never write it).
+    counter: a dict whose "evals" counts token-layer evaluations. log: a list receiving the expert ids
+    (idx [B, T, k]) each call used (MoE), natural pass first."""
+
+    def __init__(self, p, cfg, pos0=0, past=None, counter=None, log=None):
+        self.p, self.cfg, self.pos0, self.past, self.counter, self.log = p, cfg, pos0, past, counter, log
+
+    def run(self, x, routing=None):
+        y, ex = block(self.p, x, self.cfg, self.pos0, past=self.past, routing=routing)
+        if self.counter is not None:
+            self.counter["evals"] += x.shape[-2]
+        if self.log is not None and ex["routing"] is not None:
+            self.log.append(onp.asarray(ex["routing"]["idx"]))
+        return y, ex
+
+    def __call__(self, x):
+        return self.run(x)[0]
+
+    def freeze(self, x):
+        """Natural pass; returns (y, the same layer with its routing frozen at this pass)."""
+        y, ex = self.run(x)
+        if ex["routing"] is None:
+            return y, self
+        routing = {"idx": ex["routing"]["idx"], "gates": getval(ex["routing"]["gates"])}
+        return y, lambda z: self.run(z, routing)[0]
+
+
+def routing_change_fraction(log):
+    """For each call after the first in a layer's routing log: the fraction of tokens whose top-k expert SET
+    differs from the natural pass's (the first call's). [TFL] reports 28-37% after one iteration on a real
+    30B MoE when re-routing ("thrash"), 0 by construction with the routing freeze."""
+    ref = onp.sort(log[0], axis=-1)
+    return [float(onp.mean(onp.any(onp.sort(r, axis=-1) != ref, axis=-1))) for r in log[1:]]
+
+
+# --- KV-cache generation with the stash pass -----------------------------------------------------------------
+CACHE_MODES = ("first", "last", "none")
+DECODE_MODES = ("bypass", "full", "first_n")
+
+
+def layer_evals_per_token(n_layers, n_window, K, looped=True, stash=True):
+    """Token-layer evaluations for one token: N for an unlooped token; N + (K - 1) n + n (stash) for a looped
+    one, i.e. the window costs (K + 1) n instead of n ([TFL]; the stash pass is the + 1)."""
+    if not looped:
+        return n_layers
+    return n_layers + (K - 1) * n_window + (n_window if stash else 0)
+
+
+def _append_kv(past, kv):
+    return kv if past is None else (onp.concatenate([past[0], kv[0]], axis=2),
+                                    onp.concatenate([past[1], kv[1]], axis=2))
+
+
+def _cached_pass(params, cfg, tokens, cache, spec, loop, cache_mode, counter, logs=None):
+    """Run the standard model on `tokens` [1, T] after the positions already in `cache` (a list of per-layer
+    (k, v), each [1, Hkv, P, dh], or None), appending this pass's K/V to the cache. With loop=True the window
+    [spec.a..spec.b] is looped WITHOUT cache I/O (sub-steps attend over the cache + the current iterates of
+    these T tokens), then a stash pass runs the window once more with cache writes from the pre-loop state
+    (cache_mode "first") or the looped output ("last"); its hidden output is discarded; "none" writes nothing.
+    Returns the last position's logits [vocab]."""
+    N = len(params["layers"])
+    pos0 = 0 if cache[0] is None else cache[0][0].shape[2]
+    x = rms_norm(embed_lookup(params["embed"], tokens), eps=cfg.norm_eps)         # [1,T,d]; the standard model starts at n(e)
+    a, b = (spec.a, spec.b) if spec is not None else (N, N)
+    no_write = cache_mode == "none"
+
+    def run(l, x, write=True):
+        y, ex = block(params["layers"][l], x, cfg, pos0, past=cache[l])
+        counter["evals"] += x.shape[1]
+        if write:
+            cache[l] = _append_kv(cache[l], ex["kv"])
+        return y
+
+    l = 0
+    while l < N:
+        if l == a and loop:
+            window = [Layer(params["layers"][j], cfg, pos0, cache[j], counter,
+                            None if logs is None else logs.setdefault(j, [])) for j in range(a, b + 1)]
+            x0 = x
+            x = loop_window(window, x0, 0, b - a, spec.K, spec.method, spec.mode, spec.beta, spec.routing)
+            if not no_write:                                         # the stash pass
+                s = x0 if cache_mode == "first" else x
+                for j in range(a, b + 1):
+                    s = run(j, s)
+            l = b + 1
+        else:
+            x = run(l, x, write=not (no_write and a <= l <= b))      # cache "none": the window never writes
+            l += 1
+    return readout(params, final_norm(params, x, cfg), cfg)[0, -1]
+
+
+def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="bypass", first_n=0):
+    """Greedy generation from the standard model with a KV cache, optionally looping a window ([TFL]).
+
+    Prefill (the whole prompt) always loops when a window is given. Then each generated token is fed back:
+    decode "bypass" runs the window once (looping only at prefill), "full" loops every token, "first_n" loops
+    the first `first_n` fed-back tokens. The cache holds exactly one entry per position and layer, whatever
+    K is. Returns (generated ids, info) with info: per-step logits, layer_evals (token-layer evaluations),
+    tokens_processed, cache_shapes, prefill_seconds, decode_seconds."""
+    N = len(params["layers"])
+    prompt = [int(t) for t in prompt]
+    _check(len(prompt) >= 1, "prompt", "needs at least one token")
+    _check(isinstance(n_new, int) and n_new >= 0, "n_new", f"must be an integer >= 0, got {n_new!r}")
+    _check(len(prompt) + n_new <= cfg.seq_len, "n_new", f"prompt + n_new exceeds seq_len={cfg.seq_len}")
+    _check(cache in CACHE_MODES, "cache", f"unknown cache strategy {cache!r}; choose from {CACHE_MODES}")
+    _check(decode in DECODE_MODES, "decode", f"unknown decode mode {decode!r}; choose from {DECODE_MODES}")
+    _check(isinstance(first_n, int) and first_n >= 0, "first_n", f"must be an integer >= 0, got {first_n!r}")
+    _check_tokens([prompt], cfg)
+    spec = None if window is None else _as_spec(window, N)
+    kv = [None] * N
+    counter = {"evals": 0}
+    t0 = time.perf_counter()
+    logits = [_cached_pass(params, cfg, onp.array([prompt]), kv, spec, spec is not None, cache, counter)]
+    t1 = time.perf_counter()
+    out = []
+    for i in range(n_new):
+        out.append(int(onp.argmax(logits[-1])))
+        if i == n_new - 1:
+            break
+        looped = spec is not None and (decode == "full" or (decode == "first_n" and i < first_n))
+        logits.append(_cached_pass(params, cfg, onp.array([[out[-1]]]), kv, spec, looped, cache, counter))
+    t2 = time.perf_counter()
+    shapes = [None if c is None else tuple(c[0].shape) for c in kv]
+    return out, {"logits": onp.array(logits), "layer_evals": counter["evals"],
+                 "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes,
+                 "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
