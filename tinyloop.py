@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import autograd.numpy as np
 import numpy as onp  # plain NumPy: for things that are never differentiated (data, tables, bookkeeping)
 from autograd import value_and_grad
-from autograd.extend import defvjp, primitive
+from autograd.extend import defvjp, defvjp_argnums, primitive
 from autograd.tracer import getval
 
 VARIANTS = ("standard", "LT", "LT_i", "LT_ia", "FLT_res", "FLT")
@@ -115,11 +115,33 @@ class Config:
 # 2. Primitives. Shapes: B batch, T positions (this call), S key positions (past + this call), d width,
 #    H query heads, Hkv key/value heads, G = H / Hkv query heads per key/value head, dh head width, E experts.
 # ============================================================================================================
+def _rowsum(x):
+    """Sum over the last axis as a matrix-vector product: [..., n] -> [..., 1]. Same as x.sum(-1, keepdims=True),
+    but NumPy's reductions over a short last axis are slow; BLAS is several times faster here."""
+    return x @ onp.ones((x.shape[-1], 1), dtype=x.dtype)
+
+
 def rms_norm(x, gain=None, eps=1e-6):
     """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]"""
-    ms = np.sum(x * x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])  # mean(x^2); sum*(1/n) keeps float32
-    y = x / np.sqrt(ms + eps)
+    y = _rms(x, eps)
     return y if gain is None else y * gain
+
+
+@primitive
+def _rms(x, eps):
+    """Parameter-free RMSNorm, one autograd primitive (its gradient is written by hand below)."""
+    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
+    return x * r
+
+
+def _rms_vjp(y, x, eps):
+    # y = x r with r = (mean(x^2) + eps)^(-1/2).  dy_i/dx_j = r delta_ij - r y_i y_j / n, so
+    #     dL/dx = r (g - y mean(g y))
+    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
+    return lambda g: r * (g - y * (_rowsum(g * y) * (1.0 / x.shape[-1])))
+
+
+defvjp(_rms, _rms_vjp)
 
 
 def softmax(z, axis=-1):
@@ -165,10 +187,14 @@ def rope_tables(cfg, pos0, T):
     return cos.astype(dt), sin.astype(dt), R.astype(dt)
 
 
-def apply_rope(x, tables):
-    """x: [..., T, dh] -> same, each pair rotated by its position's angle (see rope_tables)."""
-    cos, sin, R = tables
-    return x * cos + np.matmul(x, R) * sin
+@primitive
+def apply_rope(x, cos, sin, R):
+    """x: [..., T, dh] -> same, each pair rotated by its position's angle:  y = x * cos + (x @ R) * sin."""
+    return x * cos + (x @ R) * sin
+
+
+# A rotation's transpose is the rotation by the opposite angle:  dL/dx = g * cos + (g * sin) @ R^T.
+defvjp(apply_rope, lambda y, x, cos, sin, R: lambda g: g * cos + (g * sin) @ R.T)
 
 
 def attention(p, q_in, x_in, cfg, pos0=0, past=None):
@@ -181,33 +207,92 @@ def attention(p, q_in, x_in, cfg, pos0=0, past=None):
     Returns (out [B, T, d], (k, v) of these T positions, each [B, Hkv, T, dh]).
     """
     B, T, _ = x_in.shape
-    Hkv, dh = cfg.kv_heads, cfg.head_dim
-    G = cfg.n_heads // Hkv
-    q = np.transpose(np.reshape(np.matmul(q_in, p["wq"]), (B, T, Hkv, G, dh)), (0, 2, 3, 1, 4))  # [B,Hkv,G,T,dh]
-    k = np.transpose(np.reshape(np.matmul(x_in, p["wk"]), (B, T, Hkv, dh)), (0, 2, 1, 3))        # [B,Hkv,T,dh]
-    v = np.transpose(np.reshape(np.matmul(x_in, p["wv"]), (B, T, Hkv, dh)), (0, 2, 1, 3))        # [B,Hkv,T,dh]
+    H, Hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    q = np.transpose(np.reshape(np.matmul(q_in, p["wq"]), (B, T, H, dh)), (0, 2, 1, 3))      # [B,H,T,dh]
+    k = np.transpose(np.reshape(np.matmul(x_in, p["wk"]), (B, T, Hkv, dh)), (0, 2, 1, 3))    # [B,Hkv,T,dh]
+    v = np.transpose(np.reshape(np.matmul(x_in, p["wv"]), (B, T, Hkv, dh)), (0, 2, 1, 3))    # [B,Hkv,T,dh]
     if cfg.rope != "none":
         tables = rope_tables(cfg, pos0, T)
-        q, k = apply_rope(q, tables), apply_rope(k, tables)
+        q, k = apply_rope(q, *tables), apply_rope(k, *tables)
     if cfg.qk_norm:
-        q, k = rms_norm(q, eps=cfg.norm_eps), rms_norm(k, eps=cfg.norm_eps)
+        q, k = _rms(q, cfg.norm_eps), _rms(k, cfg.norm_eps)
     k_all, v_all = (k, v) if past is None else (np.concatenate([past[0], k], axis=2),
                                                 np.concatenate([past[1], v], axis=2))     # [B,Hkv,S,dh]
-    S = k_all.shape[2]
-    kT = np.reshape(np.swapaxes(k_all, -1, -2), (B, Hkv, 1, dh, S))                       # [B,Hkv,1,dh,S]
-    scores = np.matmul(q, kT) * (1.0 / math.sqrt(dh))                                    # [B,Hkv,G,T,S]
-    causal = onp.arange(S)[None, :] <= onp.arange(S - T, S)[:, None]                    # [T,S] key j <= query i
-    att = softmax(np.where(causal, scores, -onp.inf))                                   # [B,Hkv,G,T,S]
-    y = np.matmul(att, np.reshape(v_all, (B, Hkv, 1, S, dh)))                           # [B,Hkv,G,T,dh]
-    y = np.reshape(np.transpose(y, (0, 3, 1, 2, 4)), (B, T, cfg.n_heads * dh))          # [B,T,H*dh]
+    if H != Hkv:                                       # grouped-query: query head h reads kv head h // (H/Hkv)
+        k_all, v_all = np.repeat(k_all, H // Hkv, axis=1), np.repeat(v_all, H // Hkv, axis=1)
+    y = causal_attention(q, k_all, v_all, bounded=cfg.qk_norm)                            # [B,H,T,dh]
+    y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (B, T, H * dh))                         # [B,T,H*dh]
     return np.matmul(y, p["wo"]), (k, v)
+
+
+def _causal_bias(T, S, dtype):
+    """[T, S] additive mask: 0 where key j <= query i (the T queries are the LAST T of S positions), else -inf."""
+    return onp.where(onp.arange(S)[None, :] <= onp.arange(S - T, S)[:, None], 0.0, -onp.inf).astype(dtype)
+
+
+def _attention_probs(q, k, bounded):
+    """P = softmax(q k^T / sqrt(dh) + causal bias) over keys.  q [B,H,T,dh], k [B,H,S,dh] -> [B,H,T,S].
+    bounded=True promises |score| <= sqrt(dh) (true with QK-norm: q and k have unit RMS), so exp cannot
+    overflow and the usual max-subtraction (a slow reduction here) is skipped."""
+    s = q @ onp.ascontiguousarray(onp.swapaxes(k, -1, -2))
+    s *= 1.0 / math.sqrt(q.shape[-1])
+    s += _causal_bias(q.shape[-2], k.shape[-2], s.dtype)
+    if not bounded:
+        s -= s.max(axis=-1, keepdims=True)
+    e = onp.exp(s, out=s)
+    e /= _rowsum(e)
+    return e
+
+
+@primitive
+def causal_attention(q, k, v, bounded=False):
+    """softmax(q k^T / sqrt(dh) + causal mask) v, one primitive.  q [B,H,T,dh], k, v [B,H,S,dh] -> [B,H,T,dh]."""
+    return _attention_probs(q, k, bounded) @ v
+
+
+def _causal_attention_vjp(argnums, y, args, kwargs):
+    # With P = softmax(S), S = q k^T / sqrt(dh), y = P v:
+    #   dv = P^T g,   dP = g v^T,   dS = P * (dP - rowsum(dP * P)),   dq = dS k / sqrt(dh),   dk = dS^T q / sqrt(dh)
+    # (masked entries have P = 0, so they get no gradient). P is recomputed rather than stored.
+    q, k, v = args[:3]
+    P = _attention_probs(q, k, kwargs.get("bounded", args[3] if len(args) > 3 else False))
+
+    def vjp(g):
+        dP = g @ onp.swapaxes(v, -1, -2)
+        dS = P * (dP - _rowsum(dP * P)) * (1.0 / math.sqrt(q.shape[-1]))
+        grads = {0: lambda: dS @ k, 1: lambda: onp.swapaxes(dS, -1, -2) @ q, 2: lambda: onp.swapaxes(P, -1, -2) @ g}
+        return tuple(grads[i]() for i in argnums)
+    return vjp
+
+
+defvjp_argnums(causal_attention, _causal_attention_vjp)
+
+
+@primitive
+def relu2(h):
+    """relu(h)^2, the FLT code's MLP activation."""
+    r = onp.maximum(h, 0)
+    r *= r
+    return r
+
+
+def _relu2_vjp(y, h):
+    def vjp(g):                                     # d/dh relu(h)^2 = 2 relu(h)
+        r = onp.maximum(h, 0)
+        r *= 2
+        r *= g
+        return r
+    return vjp
+
+
+defvjp(relu2, _relu2_vjp)
 
 
 def mlp(p, u, cfg):
     """relu2: W2 relu(W1 u)^2 (FLT code);  gelu: W2 gelu(W1 u);  swiglu: W2 (silu(W1 u) * W3 u) (Llama). [..., d]"""
     h = np.matmul(u, p["w1"])
     if cfg.mlp == "relu2":
-        h = np.maximum(h, 0.0) ** 2
+        h = relu2(h)
     elif cfg.mlp == "gelu":
         h = gelu(h)
     else:
@@ -239,7 +324,7 @@ def moe(p, u, cfg, routing=None):
         aux = 0.0
     h = np.einsum("btd,edf->btef", u, p["w1"])                                         # [B,T,E,f]
     if cfg.mlp == "relu2":
-        h = np.maximum(h, 0.0) ** 2
+        h = relu2(h)
     elif cfg.mlp == "gelu":
         h = gelu(h)
     else:
@@ -287,13 +372,13 @@ def block(p, x, cfg, pos0=0, q=None, past=None, routing=None):
     u = rms_norm(x, p.get("g_attn"), eps)
     uq = u if q is None else rms_norm(q, p.get("g_attn"), eps)
     a, kv = attention(p["attn"], uq, u, cfg, pos0, past)
-    x = x + s * a
+    x = x + (a if s == 1.0 else s * a)
     u = rms_norm(x, p.get("g_mlp"), eps)
     if cfg.n_experts:
         f, routing, aux = moe(p["moe"], u, cfg, routing)
     else:
         f, aux = mlp(p["mlp"], u, cfg), 0.0
-    x = x + s * f
+    x = x + (f if s == 1.0 else s * f)
     return x, {"kv": kv, "routing": routing, "aux": aux}
 
 
@@ -553,12 +638,27 @@ def per_task_accuracy(logits, batch, tasks):
 # ============================================================================================================
 def cross_entropy(logits, targets, mask=None):
     """Mean over counted positions of -log softmax(logits)[target].  logits [B,T,V], targets/mask [B,T]."""
-    logp = log_softmax(logits)
-    nll = -np.sum(logp * _one_hot(targets, logits.shape[-1], logits.dtype), axis=-1)   # [B,T] -log p(target)
-    if mask is None:
-        return np.sum(nll) * (1.0 / nll.size)
-    m = onp.asarray(mask, dtype=logits.dtype if hasattr(logits, "dtype") else onp.float64)
-    return np.sum(nll * m) * (1.0 / max(float(m.sum()), 1.0))
+    m = onp.ones(targets.shape) if mask is None else onp.asarray(mask, dtype=onp.float64)
+    return _xent(logits, onp.asarray(targets), m / max(float(m.sum()), 1.0))
+
+
+@primitive
+def _xent(z, targets, w):
+    """sum over positions of w * (logsumexp(z) - z[target]); one primitive."""
+    zmax = z.max(axis=-1, keepdims=True)
+    lse = zmax[..., 0] + onp.log(onp.sum(onp.exp(z - zmax), axis=-1))
+    picked = onp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return onp.sum(w * (lse - picked)).astype(z.dtype)
+
+
+def _xent_vjp(ans, z, targets, w):
+    # d/dz [logsumexp(z) - z_t] = softmax(z) - onehot(t), weighted per position by w.
+    p = onp.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return lambda g: (g * w[..., None] * (p - _one_hot(targets, z.shape[-1], z.dtype))).astype(z.dtype)
+
+
+defvjp(_xent, _xent_vjp)
 
 
 def loss_fn(params, batch, cfg, variant="FLT", n_loops=None, supervise="end", aux_coef=0.0,
@@ -605,6 +705,23 @@ def lr_schedule(step, steps, lr, warmdown=0.2):
     return lr * (steps - step) / n_down
 
 
+def adam_update(vec, g, m, v, step, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0):
+    """One AdamW step on flat vectors (step counts from 0). Returns (vec, m, v).
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   mhat = m / (1 - b1^(t+1)),  vhat likewise
+        vec <- vec (1 - lr wd) - lr mhat / (sqrt(vhat) + eps)            (decoupled weight decay)"""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mhat, vhat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
+    return (vec * (1 - lr * weight_decay) - lr * mhat / (onp.sqrt(vhat) + eps)).astype(vec.dtype), m, v
+
+
+def clip_by_norm(g, clip):
+    """Scale the flat gradient g to global norm <= clip. Returns (clipped g, norm before clipping)."""
+    norm = float(onp.sqrt(onp.sum(onp.asarray(g, dtype=onp.float64) ** 2)))
+    return (g if clip is None or not norm > clip else g * (clip / norm)), norm
+
+
 def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1.0, betas=(0.8, 0.95),
           eps=1e-10, weight_decay=0.0, warmdown=0.2, supervise="end", aux_coef=None, log_every=10,
           loop_grad_every=0, blowup=3.0, progress=True, desc=None, window=None):
@@ -622,7 +739,6 @@ def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1
     _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
     K = None if variant == "standard" else (cfg.n_loops if n_loops is None else n_loops)
     aux_coef = (0.01 if cfg.n_experts else 0.0) if aux_coef is None else aux_coef
-    b1, b2 = betas
     vec, unflatten = flatten(params)
     m, v = onp.zeros_like(vec), onp.zeros_like(vec)
     hist = {"loss": [], "grad_norm": [], "lr": [], "log_step": [], "hidden_norm": [], "cos_sim": [],
@@ -642,9 +758,8 @@ def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1
         logging = log_every and step % log_every == 0
         diag = {} if logging else None
         loss, g = vg(params, batch, diag)
-        gvec, _ = flatten(g)
+        gvec, gnorm = clip_by_norm(flatten(g)[0], clip)
         loss = float(loss)
-        gnorm = float(onp.sqrt(onp.sum(onp.asarray(gvec, dtype=onp.float64) ** 2)))
         first = hist["loss"][0] if hist["loss"] else loss
         if not (math.isfinite(loss) and math.isfinite(gnorm)) or loss > blowup * first:
             hist["diverged_at"], hist["status"] = step, "diverged"
@@ -660,14 +775,8 @@ def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1
             _, lg = loop_grad([params["layers"]] * K, params, batch)
             hist["loop_grad_step"].append(step)
             hist["loop_grad_norm"].append([float(onp.linalg.norm(flatten(x)[0])) for x in lg])
-        scale = 1.0 if clip is None or gnorm <= clip else clip / gnorm     # clip the global norm to `clip`
         lr_t = lr_schedule(step, steps, lr, warmdown)
-        gvec = gvec * scale
-        m = b1 * m + (1 - b1) * gvec                                         # Adam moments
-        v = b2 * v + (1 - b2) * gvec * gvec
-        mhat, vhat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
-        vec = vec * (1 - lr_t * weight_decay) - lr_t * mhat / (onp.sqrt(vhat) + eps)   # decoupled decay (AdamW)
-        vec = vec.astype(cfg.dtype)
+        vec, m, v = adam_update(vec, gvec, m, v, step, lr_t, betas, eps, weight_decay)
         params = unflatten(vec)
         hist["loss"].append(loss)
         hist["grad_norm"].append(gnorm)
@@ -705,6 +814,27 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write obj as JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def tune_malloc():
+    """Opt-in speed-up on Linux/glibc: keep freed memory in the process instead of handing every large
+    temporary back to the OS (M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = 1 GiB). NumPy + autograd allocate many
+    short-lived arrays; without this each one page-faults afresh. Does nothing on other platforms."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def save(path, params, cfg, meta=None):
@@ -1044,7 +1174,8 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     decode "bypass" runs the window once (looping only at prefill), "full" loops every token, "first_n" loops
     the first `first_n` fed-back tokens. The cache holds exactly one entry per position and layer, whatever
     K is. Returns (generated ids, info) with info: per-step logits, layer_evals (token-layer evaluations),
-    tokens_processed, cache_shapes, prefill_seconds, decode_seconds."""
+    tokens_processed, cache_shapes, kv (the final cache: per layer (k, v) or None), prefill_seconds,
+    decode_seconds."""
     N = len(params["layers"])
     prompt = [int(t) for t in prompt]
     _check(len(prompt) >= 1, "prompt", "needs at least one token")
@@ -1070,5 +1201,5 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     t2 = time.perf_counter()
     shapes = [None if c is None else tuple(c[0].shape) for c in kv]
     return out, {"logits": onp.array(logits), "layer_evals": counter["evals"],
-                 "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes,
+                 "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes, "kv": kv,
                  "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
