@@ -464,7 +464,7 @@ def final_norm(params, x, cfg):
 
 
 def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_layers=None,
-            all_logits=False, diagnostics=True):
+            all_logits=False, diagnostics=True, routing_log=None):
     """Logits of one of the [FLT] model family, and per-loop diagnostics.
 
     tokens: [B, T] ints. variant: "standard" (the stack once, no loop) or a looped variant run n_loops times
@@ -482,6 +482,7 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     window: a LoopSpec (or dict of its fields) to loop a window of the frozen "standard" stack, [TFL].
     loop_layers: optional list of K layer-parameter lists used instead of params["layers"] in each loop
     (pass K references to the same list to get each loop's share of the gradient; the total is their sum).
+    routing_log: optional dict, with a window: receives {layer index: [expert ids [B,T,k] of each call]} (MoE).
     Returns (logits [B, T, vocab], diag) with diag["hidden_norm"] [K] (token mean of ||x||_2 at the end of
     each loop, before the inter-loop norm), diag["cos_sim"] [K] (mean cosine similarity between the final
     states of different sequences at the same position; -> 1 when every input maps to the same state),
@@ -508,7 +509,9 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
         else:
             x = rms_norm(e + h, eps=eps)                                    # LT_i: h_t = n(F(n(e + h_{t-1})))
         if window is not None:
-            x = loop_window([Layer(p, cfg) for p in layers], x, **_as_spec(window, len(layers)).kwargs())
+            logs = {} if routing_log is None else routing_log
+            x = loop_window([Layer(p, cfg, log=logs.setdefault(l, []) if routing_log is not None else None)
+                             for l, p in enumerate(layers)], x, **_as_spec(window, len(layers)).kwargs())
         else:
             for l, p in enumerate(layers):
                 inject = t > 0 and (variant == "FLT" or (variant == "LT_ia" and l == 0))
@@ -554,6 +557,7 @@ PAD, SEP = 10, 11                        # token ids 0..9 are the digits
 TASKS = ("copy", "reverse", "sort", "add", "parity", "khop")
 TASK_TOKEN = {t: 12 + i for i, t in enumerate(TASKS)}
 VOCAB = 12 + len(TASKS)                  # 18 ids in all
+DEFAULT_TASKS = ("copy", "reverse", "sort", "parity", "khop")   # the mixture both experiment scripts train on
 
 
 def make_example(task, rng, n=6):
