@@ -40,7 +40,8 @@ BAND = (0.43, 0.71)                             # [TFL]'s reported good range of
 def model_config(args, moe=False):
     return tl.Config(vocab=tl.VOCAB, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
                      seq_len=args.seq_len, branch_scale=args.branch_scale,
-                     n_experts=args.experts if moe else 0, top_k=args.top_k if moe else 2)
+                     n_experts=args.experts if moe else 0, top_k=args.top_k if moe else 2,
+                     d_ff=args.expert_ff if moe else None)
 
 
 def train_meta(args, moe):
@@ -493,6 +494,7 @@ def parse_args(argv=None):
     p.add_argument("--branch-scale", type=float, default=None, help="residual branch scale (default 1/sqrt(2N))")
     p.add_argument("--experts", type=int, default=4, help="experts of the MoE model")
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-ff", type=int, default=None, help="hidden width of each expert (default 2 d_model)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -538,6 +540,7 @@ def parse_args(argv=None):
     need = max(tl.example_length(t, args.n) for t in TASKS) - 1
     if args.seq_len < need:
         p.error(f"--seq-len must be >= {need} for --n {args.n}")
+    args.expert_ff = args.expert_ff or 2 * args.d_model
     if args.branch_scale is None:
         args.branch_scale = round(1.0 / np.sqrt(2 * args.layers), 4)
     if not args.branch_scale > 0:

@@ -131,6 +131,27 @@ def test_moe_reuses_its_routing_and_differs_with_another():
     assert not onp.allclose(y, y3)
 
 
+@pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
+def test_moe_matches_a_per_expert_loop(mlp):
+    """The stacked-matmul MoE against the definition, token by token and expert by expert (float64)."""
+    cfg = tl.Config(vocab=11, d_model=16, n_heads=2, n_layers=1, seq_len=8, n_experts=4, top_k=2, mlp=mlp,
+                    dtype="float64")
+    p = random_params(tl, cfg, seed=9)["layers"][0]["moe"]
+    u = onp.random.default_rng(1).standard_normal((2, 5, cfg.d_model))
+    y, routing, _ = tl.moe(p, u, cfg)
+    want = onp.zeros_like(u)
+    for b in range(2):
+        for t in range(5):
+            z = u[b, t] @ p["router"]
+            pr = onp.exp(z - z.max()) / onp.exp(z - z.max()).sum()
+            top = onp.argsort(-pr)[:cfg.top_k]
+            for e in top:
+                h = u[b, t] @ p["w1"][e]
+                h = onp.maximum(h, 0) ** 2 if mlp == "relu2" else h / (1 + onp.exp(-h)) * (u[b, t] @ p["w3"][e])
+                want[b, t] += pr[e] / pr[top].sum() * (h @ p["w2"][e])
+    onp.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)
+
+
 def test_hidden_norm_is_the_raw_end_of_loop_norm():
     cfg = CFGS["flt"]
     params = random_params(tl, cfg, seed=9)
