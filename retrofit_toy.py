@@ -24,6 +24,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # on
 import argparse
 import dataclasses
 import multiprocessing as mp
+import threading
 import time
 
 import numpy as np
@@ -225,6 +226,7 @@ def cost_eval(args, params, cfg, spec):
 
 
 def run_all(fn, jobs, workers, desc):
+    tqdm.set_lock(threading.RLock())       # a thread lock: tqdm's default multiprocessing lock leaks a semaphore
     if workers <= 1 or len(jobs) == 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -343,81 +345,89 @@ def make_figures(R, out):
         for ax, key in zip(axes, ("d_acc", "d_loss")):
             ax.errorbar([r["K"] for r in rs], [r[key] for r in rs], [r[key + "_sd"] for r in rs], fmt="o" + ls,
                         color=colors[m], label=labels[m], ms=3, capsize=2)
-    for ax, yl in zip(axes, ("delta exact match (pp)", "delta answer loss (nats)")):
+    for ax, yl in zip(axes, ("delta exact match (pp)", "delta answer loss (nats; symlog below 1e-3)")):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set(xlabel="K (loops of the window)", ylabel=yl, title=f"Window [{a}..{b}] of {N}, block mode")
+    axes[1].set_yscale("symlog", linthresh=1e-3)
     axes[0].legend(fontsize=8)
     save(fig, "2_delta_vs_K.png")
 
-    # 3: heat map window centre x K, per method
+    # 3: heat maps over (window centre, K), per method; exact match (top) and loss (bottom), own colour scale each
     Ks = sorted({r["K"] for r in R["heatmap"]})
     starts = sorted({r["a"] for r in R["heatmap"]})
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(4.3 * len(METHODS), 4.6), sharey=True)
-    vals = np.array([r["d_acc"] for r in R["heatmap"]])
-    lim = max(1.0, float(np.abs(vals).max()))
-    for ax, m in zip(axes, METHODS):
-        M = np.array([[_pick(R["heatmap"], method=m, K=K, a=s)[0]["d_acc"] for K in Ks] for s in starts])
-        fr = [tl.depth_fraction(s, s + 3, N) for s in starts]
-        im = ax.imshow(M, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, origin="lower",
-                       extent=(-0.5, len(Ks) - 0.5, fr[0] - 0.5 / N, fr[-1] + 0.5 / N))
-        ax.axhspan(*BAND, fill=False, edgecolor="k", ls="--", lw=1.2)
-        ax.set_xticks(range(len(Ks)), [str(K) for K in Ks])
-        ax.set(xlabel="K", title=labels[m])
-        for i, s in enumerate(starts):
-            for j in range(len(Ks)):
-                ax.text(j, fr[i], f"{M[i, j]:+.1f}", ha="center", va="center", fontsize=6)
-    axes[0].set_ylabel("window depth fraction (centre / N); dashed: paper's 0.43-0.71")
-    fig.colorbar(im, ax=axes, label="delta exact match (pp)", shrink=0.8)
-    fig.suptitle("4-layer windows: where to loop")
-    fig.savefig(os.path.join(out, "3_window_heatmap.png"), dpi=110)
-    plt.close(fig)
-    files.append("3_window_heatmap.png")
+    fr = [tl.depth_fraction(s, s + 3, N) for s in starts]
+    fig, axes = plt.subplots(2, len(METHODS), figsize=(4.4 * len(METHODS), 9), sharey=True, squeeze=False)
+    for row, (key, lab, fmt, cmap) in enumerate([("d_acc", "delta exact match (pp)", "{:+.1f}", "RdBu"),
+                                                 ("d_loss", "delta answer loss (nats)", "{:+.3f}", "RdBu_r")]):
+        for ax, m in zip(axes[row], METHODS):
+            M = np.array([[_pick(R["heatmap"], method=m, K=K, a=s)[0][key] for K in Ks] for s in starts])
+            lim = max(float(np.abs(M).max()), 1e-3 if key == "d_loss" else 0.5)
+            im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, origin="lower",
+                           extent=(-0.5, len(Ks) - 0.5, fr[0] - 0.5 / N, fr[-1] + 0.5 / N))
+            ax.axhline(BAND[0], color="k", ls="--", lw=1)
+            ax.axhline(BAND[1], color="k", ls="--", lw=1)
+            ax.set_xticks(range(len(Ks)), [str(K) for K in Ks])
+            ax.set(xlabel="K", title=f"{labels[m]}")
+            for i in range(len(starts)):
+                for j in range(len(Ks)):
+                    ax.text(j, fr[i], fmt.format(M[i, j]), ha="center", va="center", fontsize=7)
+            fig.colorbar(im, ax=ax, label=lab, shrink=0.85)
+        axes[row][0].set_ylabel("window depth fraction (centre / N)")
+    fig.suptitle(f"All 4-layer windows of the {N}-layer model (dashed: the paper's good band {BAND[0]}-{BAND[1]}; "
+                 "colour scales differ per panel)", fontsize=10)
+    save(fig, "3_window_heatmap.png")
 
-    # 4: width
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    # 4, 5: window width, and block vs layer mode; exact match (left) and loss (right)
+    def two_panels(name, title, series, xlabel):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for ax, key, yl in zip(axes, ("d_acc", "d_loss"), ("delta exact match (pp)", "delta answer loss (nats)")):
+            for xs, rs, style, color, lab in series:
+                ax.errorbar(xs, [r[key] for r in rs], [r[key + "_sd"] for r in rs], fmt=style, color=color,
+                            label=lab, ms=3, capsize=2)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set(xlabel=xlabel, ylabel=yl, title=title)
+            if key == "d_loss":
+                ax.set_yscale("symlog", linthresh=1e-3)
+        axes[0].legend(fontsize=7)
+        save(fig, name)
+
+    series = []
     for m in METHODS:
         rs = sorted(_pick(R["width"], method=m), key=lambda r: r["b"] - r["a"])
-        ax.errorbar([r["b"] - r["a"] + 1 for r in rs], [r["d_acc"] for r in rs], [r["d_acc_sd"] for r in rs],
-                    fmt="o-", color=colors[m], label=labels[m], ms=3, capsize=2)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="window width (layers, centred near 0.48)", ylabel="delta exact match (pp)",
-           title=f"Window width at K = {R['config']['K_main']}")
-    ax.legend(fontsize=8)
-    save(fig, "4_width.png")
-
-    # 5: block vs layer
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = []
-    for i, m in enumerate(METHODS):
+        series.append(([r["b"] - r["a"] + 1 for r in rs], rs, "o-", colors[m], labels[m]))
+    two_panels("4_width.png", f"Window width at K = {R['config']['K_main']} (centred near 0.48)", series,
+               "window width (layers)")
+    series = []
+    for m in METHODS:
         for j, mode in enumerate(tl.MODES):
             rs = sorted(_pick(R["mode"], method=m, mode=mode), key=lambda r: r["K"])
-            ax.errorbar([r["K"] + 0.1 * (2 * j - 1) for r in rs], [r["d_acc"] for r in rs],
-                        [r["d_acc_sd"] for r in rs], fmt="o-" if mode == "block" else "s--", color=colors[m],
-                        label=f"{labels[m]}, {mode}", ms=3, capsize=2)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="K", ylabel="delta exact match (pp)", title=f"Block vs layer mode, window [{a}..{b}]")
-    ax.legend(fontsize=7)
-    save(fig, "5_block_vs_layer.png")
+            series.append(([r["K"] + 0.08 * (2 * j - 1) for r in rs], rs, "o-" if mode == "block" else "s--",
+                           colors[m], f"{labels[m]}, {mode}"))
+    two_panels("5_block_vs_layer.png", f"Block vs layer mode, window [{a}..{b}]", series, "K")
 
     # 6: MoE
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     variants = [("layer", "freeze", "layer + frozen routing", "-"), ("layer", "thrash", "layer + re-routing", "--"),
                 ("block", "freeze", "block (re-routes)", ":")]
     for m in ("euler", "rk", "naive"):
         for mode, routing, lab, ls in variants:
             rs = sorted(_pick(R["moe"], method=m, mode=mode, routing=routing), key=lambda r: r["K"])
-            axes[0].errorbar([r["K"] for r in rs], [r["d_acc"] for r in rs], [r["d_acc_sd"] for r in rs],
-                             fmt="o" + ls, color=colors[m], label=f"{labels[m]}, {lab}", ms=3, capsize=2)
+            for ax, key in zip(axes[:2], ("d_acc", "d_loss")):
+                ax.errorbar([r["K"] for r in rs], [r[key] for r in rs], [r[key + "_sd"] for r in rs],
+                            fmt="o" + ls, color=colors[m], label=f"{labels[m]}, {lab}", ms=3, capsize=2)
             if routing == "freeze" and mode == "layer":
                 continue
-            axes[1].plot([r["K"] for r in rs], [100 * r.get("routing_change_last", np.nan) for r in rs], "o" + ls,
+            axes[2].plot([r["K"] for r in rs], [100 * r.get("routing_change_last", np.nan) for r in rs], "o" + ls,
                          color=colors[m], label=f"{labels[m]}, {lab}", ms=3)
-    axes[0].axhline(0, color="gray", lw=0.8)
+    for ax in axes[:2]:
+        ax.axhline(0, color="gray", lw=0.8)
     axes[0].set(xlabel="K", ylabel="delta exact match (pp)", title=f"MoE model, window [{a}..{b}]")
-    axes[1].set(xlabel="K", ylabel="% window tokens whose top-k expert set changed",
-                title="Routing change after the last iteration (freeze: 0 by construction)")
+    axes[1].set(xlabel="K", ylabel="delta answer loss (nats)", title="(loss; symlog below 1e-3)")
+    axes[1].set_yscale("symlog", linthresh=1e-3)
+    axes[2].set(xlabel="K", ylabel="% window tokens whose top-k expert set changed",
+                title="Routing change after the last iteration\n(frozen routing: 0 by construction)")
     axes[0].legend(fontsize=6)
-    axes[1].legend(fontsize=6)
+    axes[2].legend(fontsize=6)
     save(fig, "6_moe.png")
 
     # 7: cache x decode

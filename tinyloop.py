@@ -818,8 +818,11 @@ def atomic_write(path, write):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes the file private (0600); give it the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
