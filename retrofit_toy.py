@@ -526,11 +526,10 @@ def parse_args(argv=None):
     p.add_argument("--cost-first-n", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="output folder (default out/retrofit_toy, or out/retrofit_quick)")
+    if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
+        p.set_defaults(layers=8, d_model=32, steps=120, eval_examples=100, eval_seeds=2, Ks=[1, 2, 4], heat_Ks=[3],
+                       widths=[2, 4], mode_Ks=[3], moe_Ks=[3], gen_examples=10, cost_tokens=12, cost_first_n=4)
     args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.d_model, args.steps, args.eval_examples, args.eval_seeds = 8, 32, 150, 100, 2
-        args.Ks, args.heat_Ks, args.widths, args.mode_Ks, args.moe_Ks = [1, 2, 4], [3], [2, 4], [3], [3]
-        args.gen_examples, args.cost_tokens, args.cost_first_n = 10, 12, 4
     args.out = args.out or ("out/retrofit_quick" if args.quick else "out/retrofit_toy")
     for name in ("layers", "d_model", "heads", "experts", "top_k", "steps", "batch", "n", "seq_len",
                  "eval_examples", "eval_seeds", "K_main", "gen_examples", "cost_tokens", "workers"):

@@ -285,10 +285,10 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one BLAS thread each)")
     p.add_argument("--out", default="out/train_toy")
+    if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
+        p.set_defaults(loops=[2, 4], seeds=2, lrs=[3e-3, 3e-2], steps=40, d_model=32, eval_examples=200,
+                       loop_eval_examples=100, max_test_loops=6)
     args = p.parse_args(argv)
-    if args.quick:
-        args.loops, args.seeds, args.lrs, args.steps = [2, 4], 2, [3e-3, 3e-2], 40
-        args.d_model, args.eval_examples, args.loop_eval_examples, args.max_test_loops = 32, 200, 100, 6
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")

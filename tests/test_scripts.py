@@ -78,6 +78,7 @@ def test_bad_arguments_fail_early_naming_the_argument(tmp_path):
 def test_retrofit_rejects_a_corrupt_cached_model_and_retrains(tmp_path):
     os.makedirs(tmp_path / "models")
     (tmp_path / "models" / "dense.npz").write_bytes(b"not a checkpoint")
-    res, out = run("retrofit_toy.py", tmp_path, "--steps", "5", "--Ks", "1", "--heat-Ks", "1", "--widths", "4", "--mode-Ks", "1",
-                   "--moe-Ks", "1")
+    res, out = run("retrofit_toy.py", tmp_path, "--layers", "4", "--d-model", "16", "--heads", "2", "--steps", "5",
+                   "--Ks", "1", "--heat-Ks", "1", "--widths", "4", "--mode-Ks", "1", "--moe-Ks", "1",
+                   "--gen-examples", "2", "--cost-tokens", "2", "--workers", "1")
     assert "ignoring cached model" in out and res["trained_now"]
