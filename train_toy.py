@@ -23,6 +23,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # on
 
 import argparse
 import multiprocessing as mp
+import threading
 import time
 
 import numpy as np
@@ -111,6 +112,7 @@ def run_one(job):
 
 
 def run_all(fn, jobs, workers, desc):
+    tqdm.set_lock(threading.RLock())       # a thread lock: tqdm's default multiprocessing lock leaks a semaphore
     if workers <= 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -284,11 +286,12 @@ def parse_args(argv=None):
     p.add_argument("--max-test-loops", type=int, default=16)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one BLAS thread each)")
-    p.add_argument("--out", default="out/train_toy")
+    p.add_argument("--out", default=None, help="output folder (default out/train_toy, or out/train_toy_quick)")
     if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
         p.set_defaults(loops=[2, 4], seeds=2, lrs=[3e-3, 3e-2], steps=40, d_model=32, eval_examples=200,
                        loop_eval_examples=100, max_test_loops=6)
     args = p.parse_args(argv)
+    args.out = args.out or ("out/train_toy_quick" if args.quick else "out/train_toy")
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")
