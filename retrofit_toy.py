@@ -659,7 +659,8 @@ def run_checkpoint(args):
               "d_nll": float((n - base).mean()), "d_nll_sd": float((n - base).std()), "nll": float(n.mean())}
              for s, n in zip(specs, nlls)]
     R = {"checkpoint": path, "config": dataclasses.asdict(cfg), "n_layers": N, "band": BAND, "quick": args.quick,
-         "text": {"path": os.path.relpath(REAL_TEXT), "sequences": n_seq, "positions": T},
+         "text": {"path": os.path.relpath(REAL_TEXT, os.path.dirname(os.path.abspath(__file__))), "sequences": n_seq,
+                  "positions": T},
          "frozen": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean())), "nll_per_sequence": base.tolist()},
          "step_size": steps["mean"], "step_size_median": steps["median"], "step_size_position_0": steps["position_0"],
          "window_step": win_step,
