@@ -535,6 +535,15 @@ def parse_args(argv=None):
         p.set_defaults(layers=8, d_model=32, steps=120, eval_examples=100, eval_seeds=2, Ks=[1, 2, 4], heat_Ks=[3],
                        widths=[2, 4], mode_Ks=[3], moe_Ks=[3], gen_examples=10, cost_tokens=12, cost_first_n=4)
     args = p.parse_args(argv)
+    if args.checkpoint:                     # fail before any work: a missing extra, file, or a corrupt wheel
+        try:
+            import gguf, regex  # noqa: F401  (the `real` extra)
+        except ImportError as e:
+            p.error(f"--checkpoint needs the real extra ({e.name} is missing): pip install -e \".[real]\"")
+        try:
+            args.checkpoint = tl.find_gguf(args.checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--checkpoint: {e}")
     args.out = args.out or ("out/retrofit_quick" if args.quick else "out/retrofit_toy")
     for name in ("layers", "d_model", "heads", "experts", "top_k", "steps", "batch", "n", "seq_len",
                  "eval_examples", "eval_seeds", "K_main", "gen_examples", "cost_tokens", "workers"):
@@ -648,7 +657,10 @@ def run_checkpoint(args):
     targets, Ks, (n_seq, T), n_new = real_settings(args.quick)
     path = tl.find_gguf(args.checkpoint)
     t = time.perf_counter()
-    params, cfg, meta = tl.load_gguf(path)
+    try:
+        params, cfg, meta = tl.load_gguf(path)
+    except ValueError as e:                             # another architecture, bad shapes, a truncated file
+        raise SystemExit(f"retrofit_toy.py: error: --checkpoint: {e}") from None
     load_s = time.perf_counter() - t
     tok = tl.Tokenizer.from_gguf(meta)
     tokens = real_tokens(tok, n_seq, T)

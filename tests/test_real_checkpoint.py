@@ -466,3 +466,36 @@ def test_real_truncated_copy_is_rejected(real, tmp_path):
     with pytest.raises(ValueError, match="path") as e:
         tl.load_gguf(p)
     assert p in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# retrofit_toy.py --checkpoint
+# ------------------------------------------------------------------------------------------------------------
+def test_script_rejects_a_bad_checkpoint_before_any_work(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    pytest.importorskip("regex")
+    import retrofit_toy
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    for path in (str(tmp_path / "missing.gguf"), str(bad)):
+        with pytest.raises(SystemExit):
+            retrofit_toy.parse_args(["--checkpoint", path])
+        assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_script_checkpoint_run_end_to_end(real, tmp_path, monkeypatch):
+    """The --checkpoint experiment on a tiny slice (one window, K 1-2, 1 x 24 tokens, 2 new tokens), in-process:
+    results.json and the three figures are written, and K = 1 is the frozen model for every rule."""
+    import json
+    import retrofit_toy
+    monkeypatch.setattr(retrofit_toy, "real_settings", lambda quick: ((0.48,), (1, 2), (1, 24), 2))
+    monkeypatch.setattr(retrofit_toy, "REAL_PROMPTS", retrofit_toy.REAL_PROMPTS[:1])
+    monkeypatch.setitem(retrofit_toy._REAL, "model", (real["params"], real["cfg"], real["meta"]))  # no 2nd load
+    R = retrofit_toy.main(["--checkpoint", real["path"], "--out", str(tmp_path), "--workers", "1"])
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["windows"] == [[13, 16]] and len(saved["sweep"]) == 2 * 3
+    for rec in saved["sweep"]:
+        assert rec["K"] in (1, 2) and (rec["d_nll"] == 0.0) == (rec["K"] == 1)
+    assert saved["samples"][0]["frozen"] == R["samples"][0]["frozen"]
+    assert {f.name for f in tmp_path.iterdir()} >= {"results.json", "1_delta_nll_vs_K.png", "2_heatmap.png",
+                                                    "3_step_size.png"}
