@@ -939,7 +939,8 @@ def anchored_tableau(K, beta=0.5):
     """The anchored K-stage method of [TFL] as ONE explicit RK step of size h = 1 over the window:
         c_i = (i-1)/K,   A[i][j] = 1/K for j < i,   b_1 = beta + (1-beta)/K,   b_i = (1-beta)/K for i >= 2.
     Stage i's state is the (i-1)-th damped-Euler iterate, so the step returns beta*g(x0) + (1-beta)*x_K.
-    First order for beta < 1 (sum b = 1); beta = 1 is the frozen model's own step."""
+    Consistent (sum b = 1) and first order for every beta in [0, 1] (sum b c = (1-beta)(K-1)/(2K) < 1/2);
+    beta = 1 is the frozen model's own Euler step of size 1."""
     _check_loop_args(K=K, beta=beta)
     A = tuple(tuple(1.0 / K if j < i else 0.0 for j in range(K)) for i in range(K))
     b = (beta + (1 - beta) / K,) + ((1 - beta) / K,) * (K - 1)
@@ -1002,7 +1003,8 @@ def _check_loop_args(n_layers=None, a=None, b=None, K=None, method=None, mode=No
 def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None):
     """Apply one [TFL] update rule to the map g (a whole window, or one layer) from the state x0.
     y0 = g(x0), the natural pass, may be passed in (the MoE routing freeze computes it). g is evaluated
-    K times in all for naive / euler / rk; every rule returns g(x0) itself, bitwise, at K = 1.
+    K times in all for naive / euler / rk, and each of these three returns g(x0) itself, bitwise, at K = 1
+    (the ablation methods do not: Heun at K = 1 is (x0 + g(g(x0))) / 2).
 
         naive   x <- g(x), K times                                 -> g^K(x0)
         euler   x <- x + (1/K) (g(x) - x), K times                  (damped: K sub-steps over t in [0, 1])
@@ -1010,6 +1012,7 @@ def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None):
                 out = beta * y0 + (1 - beta) * x_K                  (anchored blend; beta = 0 is euler)
         midpoint / heun / rk4   K classical RK steps of size 1/K on F_g = g - id (the paper's ablation)
     """
+    _check_loop_args(K=K, method=method, beta=beta)
     y = g(x0) if y0 is None else y0                       # the natural pass: the frozen model's own step
     if K == 1 and method in LOOP_METHODS:
         return y
@@ -1090,6 +1093,8 @@ def _as_spec(window, n_layers):
 
 def depth_fraction(a, b, n_layers):
     """[TFL]'s window position: the centre (a + b) / 2 over the number of layers N (0-indexed layers)."""
+    _check(isinstance(n_layers, (int, onp.integer)) and n_layers >= 1, "n_layers", f"must be >= 1, got {n_layers!r}")
+    _check_loop_args(n_layers, a, b)
     return (a + b) / 2 / n_layers
 
 

@@ -250,3 +250,10 @@ def test_loop_arguments_are_validated():
             tl.generate(params, DENSE, **args)
     with pytest.raises(ValueError, match="h"):
         tl.integrate(lambda z: z, onp.zeros(2), tl.EULER, h=0.0)
+    g = lambda z: z + 0.1 * z                                            # loop_rule alone validates too
+    for kw, name in [(dict(K=0), "K"), (dict(method="eular"), "method"), (dict(beta=1.7), "beta")]:
+        with pytest.raises(ValueError, match=name):
+            tl.loop_rule(g, onp.ones(3), **(dict(K=2) | kw))
+    for (a, b, n), name in [((5, 2, 8), "a"), ((0, 9, 4), "b"), ((-1, 2, 8), "a"), ((0, 1, 0), "n_layers")]:
+        with pytest.raises(ValueError, match=name):
+            tl.depth_fraction(a, b, n)
