@@ -499,3 +499,19 @@ def test_script_checkpoint_run_end_to_end(real, tmp_path, monkeypatch):
     assert saved["samples"][0]["frozen"] == R["samples"][0]["frozen"]
     assert {f.name for f in tmp_path.iterdir()} >= {"results.json", "1_delta_nll_vs_K.png", "2_heatmap.png",
                                                     "3_step_size.png"}
+
+
+PLAIN = ("Water boils at one hundred degrees Celsius at sea level. When you heat water in a pot, small bubbles form "
+         "at the bottom and rise to the surface. The temperature at which water boils depends on the air pressure "
+         "around it, so at high altitudes water boils at a lower temperature. This is why cooking pasta takes longer "
+         "in the mountains. Many people add salt to the water, which raises the boiling point only slightly. The main "
+         "reason to add salt is to give flavour to the food.")
+
+
+def test_real_perplexity_on_plain_english(real):
+    """Everyday prose lands in the 10-13 range expected of a correct SmolLM2-135M forward (the classic
+    rotate_half RoPE bug on GGUF weights gives ~170-290); the shipped held-out text is denser (~21)."""
+    ids = onp.array(real["tok"].encode(PLAIN))[None]
+    ppl = float(onp.exp(tl.token_nll(real["params"], ids, real["cfg"]).mean()))
+    print(f"{ids.shape[1]} tokens, perplexity {ppl:.2f}")                      # measured: 97 tokens, 11.26
+    assert 9 < ppl < 14, ppl
