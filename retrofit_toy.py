@@ -4,7 +4,7 @@ Trains (once; cached in <out>/models/) a deep standard transformer and an MoE va
 mixture as train_toy.py, freezes them, and loops a window of layers at inference with the paper's rules:
 
     python retrofit_toy.py             # default run (a few minutes on 2 cores; training is cached)
-    python retrofit_toy.py --quick     # smoke run (< 90 s)
+    python retrofit_toy.py --quick     # smoke run (~15 s; ~70 s with --checkpoint)
     python retrofit_toy.py --retrain   # ignore the cached models
 
 Protocol (fixed before looking at any result; see README "What retrofit_toy.py shows"):
@@ -498,7 +498,7 @@ def summary(R):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (< 90 s): small model, few settings")
+    p.add_argument("--quick", action="store_true", help="smoke run (~15 s; ~70 s with --checkpoint): small model, few settings")
     p.add_argument("--retrain", action="store_true", help="retrain the base models even if cached")
     p.add_argument("--layers", type=int, default=16, help="N, layers of the frozen model")
     p.add_argument("--d-model", type=int, default=48)

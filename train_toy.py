@@ -4,7 +4,7 @@ Trains the [FLT] model family (LT, LT_i, LT_ia, FLT_res, FLT) at a milder loop c
 embedded mixture of small algorithmic tasks, sweeps the learning rate, and writes results.json + figures.
 
     python train_toy.py            # default run (~15 min on 2 cores)
-    python train_toy.py --quick    # smoke run (~1 min)
+    python train_toy.py --quick    # smoke run (~20 s on 2 cores)
 
 Protocol (fixed before looking at any result; see README "What train_toy.py shows"):
   * every variant at a K gets identical hyperparameters: Adam (0.8, 0.95), clip 1.0, no warm-up, constant LR,
@@ -269,7 +269,7 @@ def summary(results):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (~1 min)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (~20 s on 2 cores)")
     p.add_argument("--loops", type=int, nargs="+", default=[4, 12], help="training loop counts K")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of " + " ".join(VARIANTS))
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant at the headline LR")
