@@ -298,11 +298,16 @@ def main(argv=None):
     gen_jobs = [(args, None, "first", "bypass")] + [(args, spec, c, d) for c in tl.CACHE_MODES for d in tl.DECODE_MODES]
     results["generation"] = run_all(generation_eval, gen_jobs, args.workers, "cache x decode generation")
     results["cost"] = cost_eval(args, models["dense"][0], models["dense"][1], spec)
+    return finish(results, args.out, t0, make_figures, summary)
+
+
+def finish(results, out, t0, figures, summarise):
+    """Record the wall time, write results.json atomically, draw the figures, print the summary."""
     results["seconds"] = time.perf_counter() - t0
-    tl.write_json(os.path.join(args.out, "results.json"), results)
-    files = make_figures(results, args.out)
-    print(summary(results))
-    print(f"wrote {os.path.join(args.out, 'results.json')} and {', '.join(files)} in {results['seconds']:.0f} s")
+    tl.write_json(os.path.join(out, "results.json"), results)
+    files = figures(results, out)
+    print(summarise(results))
+    print(f"wrote {os.path.join(out, 'results.json')} and {', '.join(files)} in {results['seconds']:.0f} s")
     return results
 
 
@@ -690,12 +695,7 @@ def run_checkpoint(args):
          "window_step": win_step,
          "windows": [list(w) for w in windows], "Ks": list(Ks), "main_window": [main.a, main.b],
          "sweep": sweep, "samples": samples, "timing": timing}
-    R["seconds"] = time.perf_counter() - t0
-    tl.write_json(os.path.join(out, "results.json"), R)
-    files = real_figures(R, out)
-    print(real_summary(R))
-    print(f"wrote {os.path.join(out, 'results.json')} and {', '.join(files)} in {R['seconds']:.0f} s")
-    return R
+    return finish(R, out, t0, real_figures, real_summary)
 
 
 def real_figures(R, out):

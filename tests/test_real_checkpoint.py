@@ -225,16 +225,20 @@ def dict_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
-def test_tiny_gguf_generate_with_cache_equals_recomputation(tiny):
-    params, cfg, _ = tl.load_gguf(tiny)
-    prompt = [5, 77, 130, 9]
-    ids, info = tl.generate(params, cfg, prompt, 6)
+def assert_generate_equals_recomputation(params, cfg, prompt, n_new):
+    """Greedy generation with the KV cache gives the logits and tokens of full forwards over the growing text."""
+    ids, info = tl.generate(params, cfg, prompt, n_new)
     seq = list(prompt)
-    for i in range(6):
+    for i in range(n_new):
         z = tl.forward(params, onp.array([seq]), cfg, "standard")[0][0, -1]
         onp.testing.assert_allclose(info["logits"][i], z, rtol=1e-4, atol=1e-4 * onp.abs(z).max())
         seq.append(int(onp.argmax(z)))
     assert ids == seq[len(prompt):]
+
+
+def test_tiny_gguf_generate_with_cache_equals_recomputation(tiny):
+    params, cfg, _ = tl.load_gguf(tiny)
+    assert_generate_equals_recomputation(params, cfg, [5, 77, 130, 9], 6)
 
 
 def test_load_gguf_rejects_truncated_and_corrupt_files(tiny, tmp_path):
@@ -448,15 +452,7 @@ def test_real_K1_is_the_frozen_model_bitwise(real):
 
 
 def test_real_generate_with_cache_equals_recomputation(real):
-    params, cfg, tok = real["params"], real["cfg"], real["tok"]
-    prompt = tok.encode("Once upon a time")
-    ids, info = tl.generate(params, cfg, prompt, 5)
-    seq = list(prompt)
-    for i in range(5):
-        z = tl.forward(params, onp.array([seq]), cfg, "standard")[0][0, -1]
-        onp.testing.assert_allclose(info["logits"][i], z, rtol=1e-4, atol=1e-4 * onp.abs(z).max())
-        seq.append(int(onp.argmax(z)))
-    assert ids == seq[len(prompt):]
+    assert_generate_equals_recomputation(real["params"], real["cfg"], real["tok"].encode("Once upon a time"), 5)
 
 
 def test_real_truncated_copy_is_rejected(real, tmp_path):
