@@ -817,6 +817,15 @@ def _named_leaves(tree, prefix=""):
     return [(prefix[:-1], tree)]
 
 
+def _unflatten(flat, tree, prefix=""):
+    """{"layers.0.attn.wq": array, ...} -> the nested params tree shaped like `tree`."""
+    if isinstance(tree, dict):
+        return {k: _unflatten(flat, v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unflatten(flat, v, f"{prefix}{i}.") for i, v in enumerate(tree)]
+    return flat[prefix[:-1]]
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto path: a reader never sees a half-written file."""
     path = os.fspath(path)
@@ -898,14 +907,7 @@ def load(path, expect_cfg=None):
         _check(stored[k].shape == tuple(shape), "path", f"{path!r}: {k} has shape {stored[k].shape}, "
                f"config says {tuple(shape)}")
         _check(bool(onp.all(onp.isfinite(stored[k]))), "path", f"{path!r}: {k} holds non-finite values")
-
-    def build(tree, prefix=""):
-        if isinstance(tree, dict):
-            return {k: build(v, f"{prefix}{k}.") for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [build(v, f"{prefix}{i}.") for i, v in enumerate(tree)]
-        return stored[prefix[:-1]].astype(cfg.dtype)
-    return build(param_shapes(cfg)), cfg, meta
+    return _unflatten({k: v.astype(cfg.dtype) for k, v in stored.items()}, param_shapes(cfg)), cfg, meta
 
 
 # ============================================================================================================
@@ -1394,15 +1396,6 @@ def load_gguf(path=None):
     bad = [k for k, v in flat.items() if not onp.all(onp.isfinite(v))]
     _check(not bad, "path", f"{path!r}: non-finite values in {bad[:4]}")
     return _unflatten(flat, param_shapes(cfg)), cfg, meta
-
-
-def _unflatten(flat, tree, prefix=""):
-    """{"layers.0.attn.wq": array, ...} -> the nested params tree shaped like `tree`."""
-    if isinstance(tree, dict):
-        return {k: _unflatten(flat, v, f"{prefix}{k}.") for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_unflatten(flat, v, f"{prefix}{i}.") for i, v in enumerate(tree)]
-    return flat[prefix[:-1]]
 
 
 def token_nll(params, tokens, cfg, window=None):
