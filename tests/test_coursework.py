@@ -105,6 +105,8 @@ def test_the_command_line(tmp_path):
     assert blank.stdout.count(": not done yet") == len(NAMES)
     assert f"{len(NAMES)} exercises: 0 ok, 0 wrong, 0 errors, {len(NAMES)} not done yet" in blank.stdout
     assert run("--solutions").returncode == 0
+    nb = run(NOTEBOOK)
+    assert nb.stdout.count(": not done yet") == 8 and "missing" not in nb.stdout
     # a student's copy with one exercise done wrong, one done right, one raising
     src = open(exercises.__file__).read()
     src = src.replace('raise NotImplementedError("depth_fraction")', "return (a + b) / 2 / (n_layers - 1)")
