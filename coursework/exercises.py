@@ -15,9 +15,9 @@ Papers: [FLT] "Simply Stabilizing the Loop via Fully Looped Transformer", arXiv 
         [TFL] "Training-Free Looped Transformers", arXiv 2605.23872.
 Shapes: B batch, T positions, d width, H heads, dh = d / H head width, E experts, L (or N) layers, K loops.
 """
-import numpy as np
+import numpy as np  # noqa: F401  (for your answers)
 
-import tinyloop as tl
+import tinyloop as tl  # noqa: F401
 
 
 # ============================================================================================================

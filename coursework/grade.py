@@ -1178,7 +1178,8 @@ def report(results, out=sys.stdout):
         for line in lines[1:]:
             print(f"{'':8}{line}", file=out)
     counts = {s: sum(r.status == s for r in results) for s in STATUS_TAG}
-    print(f"\n{len(results)} exercises: {counts['ok']} ok, {counts['wrong']} wrong, {counts['error']} errors, "
+    print(f"\n{len(results)} exercise{'s' * (len(results) != 1)}: {counts['ok']} ok, {counts['wrong']} wrong, "
+          f"{counts['error']} errors, "
           f"{counts['not done']} not done yet" + (f", {counts['missing']} missing" if counts["missing"] else ""),
           file=out)
 
@@ -1192,7 +1193,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.list:
         for ex in EXERCISES.values():
-            print(f"{ex.name:24s} {ex.concept}  [{ex.source}]")
+            print(f"{ex.name:24s} {ex.concept}  ({ex.source})")
         return 0
     if args.solutions:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "solutions.py")

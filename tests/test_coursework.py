@@ -196,7 +196,6 @@ def attn_no_mask(q_in, x_in, wq, wk, wv, wo, n_heads):
 
 
 def attn_scale_sqrt_d(q_in, x_in, wq, wk, wv, wo, n_heads):
-    d = x_in.shape[-1]
     f = math.sqrt(1 / n_heads)                      # scores scaled by 1/sqrt(d) instead of 1/sqrt(dh)
     return S.attention(q_in * f, x_in, wq, wk, wv, wo, n_heads)
 
@@ -438,6 +437,16 @@ def k1_always_natural(method, g, x0):
     return g(x0)
 
 
+def k1_rk_blends_x0(method, g, x0):
+    return 0.5 * g(x0) + 0.5 * x0 if method == "rk" else S.predict_K1(method, g, x0)
+
+
+def k1_heun_k2_at_x0(method, g, x0):
+    if method == "heun":                                # k2 = F(g(x0)) written as g(g(x0)) - x0
+        return x0 + 0.5 * (g(x0) - x0) + 0.5 * (g(g(x0)) - x0)
+    return S.predict_K1(method, g, x0)
+
+
 def frozen_all():
     return set(tl.LOOP_METHODS) | set(tl.ABLATION_METHODS)
 
@@ -627,6 +636,8 @@ WRONG = [
     ("anchored_rk", rk_k_plus_one, ["K = 1, beta = 0.5", "2 evaluations", "doubles as the first damped sub-step"]),
     ("anchored_rk", rk_blend_with_x0, ["not with x0"]),
     ("predict_K1", k1_always_natural, ["method 'midpoint'", "only [TFL]'s rules return the natural pass at K = 1"]),
+    ("predict_K1", k1_rk_blends_x0, ["method 'rk'", "return the natural pass g(x0) itself"]),
+    ("predict_K1", k1_heun_k2_at_x0, ["method 'heun'", "k2 = F_g(x0 + k1) = g(g(x0)) - g(x0)"]),
     ("frozen_at_K1", frozen_all, ["should not contain {'heun', 'midpoint', 'rk4'}", "one full RK step"]),
     ("frozen_at_K1", frozen_without_rk, ["missing {'rk'}", "tinyloop returns g(x0) as is"]),
     ("loop_window", _window_with(mode_override="block"), ["mode 'per_layer'", "that is block mode"]),
@@ -643,7 +654,8 @@ WRONG = [
     ("stash_pass", stash_swapped, ["cache 'first'", "stashes from x0, the state BEFORE the loop"]),
     ("stash_pass", stash_always_first, ["cache 'last'", "stashes from x_looped"]),
     ("stash_pass", stash_not_chained, ["window [1..3]", "fed the previous window layer's output"]),
-    ("stash_pass", stash_none_empty, ["cache 'none'", "a list of 2 entries", "got:      0 entries", "every entry is None"]),
+    ("stash_pass", stash_none_empty, ["cache 'none'", "a list of 2 entries", "got:      0 entries",
+                                      "every entry is None"]),
     ("layer_evals_per_token", evals_no_stash, ["n_layers = 1, n_window = 1, K = 1, looped = True, stash = True",
                                                "expected: the evaluations per token: 2", "got:      1",
                                                "the stash pass is missing"]),
@@ -679,6 +691,9 @@ def test_a_known_wrong_answer_is_caught(name, wrong, parts):
 
 def test_every_exercise_has_known_wrong_answers():
     assert {n for n, _, _ in WRONG} == set(NAMES)
+    with open(os.path.join(ROOT, "docs", "coursework.md")) as f:
+        doc = f.read()
+    assert f"{len(WRONG)} known-wrong answers" in doc and f"{len(NAMES)} exercises over both papers" in doc
 
 
 def test_an_exception_names_the_input_and_the_line():
