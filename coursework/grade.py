@@ -20,6 +20,7 @@ pass by accident), against tinyloop's own implementation of the piece where it h
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import json
@@ -382,7 +383,7 @@ def _check_rms_norm_vjp(t):
         rng = _rng(10 + i)
         x, g = scale * rng.standard_normal(shape), rng.standard_normal(shape)
         inp = f"x {_shape(x)}, g {_shape(g)}, eps = {eps}"
-        got = t.call(inp, x, g, eps)
+        got = t.call(inp, x.copy(), g.copy(), eps)
         want = ref.rms_norm_vjp(x, g, eps)
 
         def hint():
@@ -430,7 +431,7 @@ def _check_attention(t):
         q_in, x_in = rng.standard_normal((B, T, d)), rng.standard_normal((B, T, d))
         ws = [rng.standard_normal((d, d)) / math.sqrt(d) for _ in range(4)]
         inp = f"q_in and x_in [{B}, {T}, {d}] (two different streams), n_heads = {H} (dh = {d // H})"
-        got = t.call(inp, q_in, x_in, *ws, H)
+        got = t.call(inp, q_in.copy(), x_in.copy(), *[w.copy() for w in ws], H)
         want = ref.attention(q_in, x_in, *ws, H)
 
         def hint():
@@ -469,7 +470,7 @@ def _run_body(t, inp, body, params, cfg, tokens, K, call=True):
         x = parts["block"](l, x)
     for _ in range(1, K):
         h = parts["final_norm"](x)
-        args = (parts["block"], parts["norm"], e, h, cfg.n_layers)
+        args = (parts["block"], parts["norm"], e.copy(), h.copy(), cfg.n_layers)
         x = t.call(inp, *args, fn=body) if call else body(*args)
         if not (hasattr(x, "shape") and tuple(x.shape) == tuple(e.shape)):
             t.fail(inp, f"your loop body to return the state x [B, T, d] = {_shape(e)}",
@@ -593,7 +594,7 @@ def _check_loop_count_sweep(t):
         batch = _sweep_batch(params, cfg, variant)
         inp = (f"variant {variant} (trained at cfg.n_loops = 3), Ks = {Ks}, batch: tokens [4, 6], 2-5 answer tokens "
                f"per sequence")
-        got = t.call(inp, params, cfg, {k: v.copy() for k, v in batch.items()}, variant, list(Ks))
+        got = t.call(inp, copy.deepcopy(params), cfg, {k: v.copy() for k, v in batch.items()}, variant, list(Ks))
         want = ref.loop_count_sweep(params, cfg, batch, variant, Ks)
 
         def hint():

@@ -12,8 +12,9 @@ from autograd import make_vjp
 
 import tinyloop as tl
 
-# tinyloop's name for the PLAIN per-layer rule (the rule applied to each window layer in turn, no norm
-# rescaling). Section 8 may rename it (the authors' MoE layer mode becoming "layer"): change it here.
+# tinyloop's current name for the PLAIN per-layer rule (the rule applied to each window layer in turn, no norm
+# rescaling). Section 8 may rename it (the authors' MoE layer mode becoming "layer"); the grader does not depend on
+# it (see loop_window below), only a cross-check in tests/test_coursework.py does.
 PER_LAYER_MODE = "layer"
 
 
@@ -134,9 +135,14 @@ def stem(params, cfg, tokens):
 
 
 def loop_window(layers, x, a, b, K, method, beta, mode):
-    """tl.loop_window with one of tinyloop's rules; mode "block" or "per_layer" (the plain per-layer rule)."""
-    tl_mode = {"block": "block", "per_layer": PER_LAYER_MODE}[mode]
-    return tl.loop_window(layers, x, a, b, K=K, method=method, mode=tl_mode, beta=beta)
+    """tl.loop_window with one of tinyloop's rules; mode "block" or "per_layer". The plain per-layer rule is block
+    mode on a one-layer window, layer after layer (so it does not depend on what section 8 calls its layer modes)."""
+    if mode == "block":
+        return tl.loop_window(layers, x, a, b, K=K, method=method, mode="block", beta=beta)
+    for l in range(len(layers)):
+        x = tl.loop_window([layers[l]], x, 0, 0, K=K, method=method, mode="block", beta=beta) if a <= l <= b \
+            else layers[l](x)
+    return x
 
 
 def moe_gates(p_moe, u, n_experts, top_k):

@@ -156,6 +156,20 @@ def test_a_value_that_breaks_the_comparison_is_reported():
     assert r.status == "wrong" and "a dict with keys" in r.message
 
 
+def test_the_per_layer_reference_is_tinyloops_plain_layer_mode():
+    """The grader's per_layer reference (block mode one layer at a time) is tl.loop_window's plain per-layer mode.
+    If section 8 renames that mode, change references.PER_LAYER_MODE (the grader itself does not use it)."""
+    from coursework import references as ref
+    params, cfg = grade._toy(5, seed=7)
+    layers = ref.frozen_layers(params, cfg)
+    x = ref.stem(params, cfg, grade._tokens(7, 2, 5))
+    for a, b, K, method in [(1, 3, 2, "rk"), (0, 4, 3, "euler"), (2, 3, 2, "naive")]:
+        mine = ref.loop_window(layers, x, a, b, K, method, 0.25, "per_layer")
+        theirs = tl.loop_window(layers, x, a, b, K=K, method=method, mode=ref.PER_LAYER_MODE, beta=0.25)
+        np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+        assert not np.allclose(mine, ref.loop_window(layers, x, a, b, K, method, 0.25, "block"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Known-wrong answers: each is caught, with the message it should give
 # ------------------------------------------------------------------------------------------------------------
