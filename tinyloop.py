@@ -1665,3 +1665,89 @@ def loop_spectrum(params, tokens, cfg, variant, h):
     T = J.shape[1]
     blocks = J[:, onp.arange(T), :, onp.arange(T), :]                               # [T, B, d, d]
     return onp.transpose(onp.linalg.eigvals(blocks.astype(onp.float64)), (1, 0, 2))   # [B, T, d]
+
+
+def _scored_positions(batch):
+    """[B, T] bool: the positions at or before each sequence's last answer target. By causality only these
+    states reach the scored logits, so only their eigenvalues can matter for exact match."""
+    mask = onp.asarray(batch["mask"]) > 0
+    T = mask.shape[1]
+    last = onp.where(mask.any(1), T - 1 - onp.argmax(mask[:, ::-1], axis=1), -1)
+    return onp.arange(T)[None, :] <= last[:, None]
+
+
+def spectrum_summary(lam, positions, s=0.5):
+    """The eigenvalues lam [B, T, d] (loop_spectrum) of the positions [B, T] bool that count, summarised:
+    dominant (largest |lambda|, as [re, im]), most_negative (smallest real part, [re, im]), the fractions of
+    those tokens with some |lambda| > 1 (unstable: a fixed point there repels) and with some real part < -1
+    (a sign-flipping mode that grows: period doubling), and damped_radius = max |1 - s + s lambda|, the
+    spectral radius of the damped step's Jacobian at the same state (< 1: the damped rule contracts there)."""
+    sel = lam[positions]                                                            # [n, d]
+    dom, neg = sel.flat[onp.argmax(onp.abs(sel))], sel.flat[onp.argmin(sel.real)]
+    return {"dominant": [float(dom.real), float(dom.imag)], "most_negative": [float(neg.real), float(neg.imag)],
+            "frac_unstable": float(onp.mean(onp.abs(sel).max(-1) > 1)),
+            "frac_flip": float(onp.mean(sel.real.min(-1) < -1)),
+            "damped_radius": float(onp.abs(1 - s + s * sel).max()), "tokens": int(len(sel))}
+
+
+def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=TEST_TIME_RULES, s=0.5, beta=0.5,
+                          tasks=DEFAULT_TASKS, n_spectrum=8):
+    """The experiment joining both papers, on one trained model (e.g. a saved train_toy model):
+
+    1. the downstream average (mean over `tasks` of per-task exact match, as train_toy reports it) at
+       K = 1..K_max test-time loops under each rule of continue_loops (bitwise the same states; the sweep
+       reuses the natural states and the damped iterates instead of recomputing them for every K);
+    2. the period-2 signature of naive looping: the RMS over scored tokens of ||h_K - h_{K-1}|| / sqrt(d) and
+       of ||h_K - h_{K-2}|| / sqrt(d) at K = K_max (a period-2 pattern has the first large, the second ~0);
+    3. the loop map's eigenvalues (loop_spectrum, spectrum_summary) on the first n_spectrum sequences, at the
+       trained state h_{K_train} and at the damped rule's state after K_max loops, with the fixed-point
+       residual ||Phi(h) - h|| / ||h|| (scored positions) of each.
+    batch: a make_batch dict. Returns a JSON-able dict {"K", "downstream": {rule: [K_max]}, "per_task": {rule:
+    [{task: acc}]}, "period2": {"step1", "step2"}, "spectrum": {"trained" | "damped": {..., "residual"}}, and
+    the arguments}.
+    """
+    _check_test_time_args(K_train, K_max, "naive", s, beta)
+    _check(all(r in TEST_TIME_RULES for r in rules), "rules", f"must be rules from {TEST_TIME_RULES}, got {rules}")
+    _check("rk" not in rules or K_max <= K_train or K_train >= 2, "K_train", "rule 'rk' needs K_train >= 2")
+    _check(isinstance(n_spectrum, int) and n_spectrum >= 0, "n_spectrum", f"must be an integer >= 0, got {n_spectrum!r}")
+    tokens, d = batch["tokens"], cfg.d_model
+    Phi = loop_map(params, tokens, cfg, variant)
+    natural = [forward(params, tokens, cfg, variant, 1, diagnostics=False)[1]["h"]]   # h_1
+    while len(natural) < max(K_train, K_max):
+        natural.append(Phi(natural[-1]))                                            # h_t = Phi(h_{t-1})
+
+    def score(h):
+        acc = per_task_accuracy(readout(params, h, cfg), batch, tasks)
+        return float(onp.mean(list(acc.values()))), acc
+    out = {"K": list(range(1, K_max + 1)), "K_train": K_train, "variant": variant, "s": s, "beta": beta,
+           "examples": int(len(tokens)), "downstream": {}, "per_task": {}}
+    for rule in rules:
+        states = natural[:min(K_train, K_max)]
+        x = natural[K_train - 1]
+        for M in range(1, K_max - K_train + 1):
+            if rule == "naive":
+                x = natural[K_train - 1 + M]
+            elif rule == "damped":
+                x = loop_rule(Phi, x, 1, "ema", alpha=s)                            # one more damped step
+            else:
+                x = loop_rule(Phi, natural[K_train - 2], M + 1, "rk", beta=beta, y0=natural[K_train - 1])
+            states.append(x)
+        scores = [score(h) for h in states]
+        out["downstream"][rule] = [a for a, _ in scores]
+        out["per_task"][rule] = [acc for _, acc in scores]
+    keep = _scored_positions(batch)
+    def step(lag):                                  # RMS over scored tokens of ||h_Kmax - h_{Kmax-lag}|| / sqrt(d)
+        if K_max <= lag:
+            return None
+        return float(onp.sqrt(onp.mean(onp.sum((natural[K_max - 1] - natural[K_max - 1 - lag]) ** 2, -1)[keep]) / d))
+    out["period2"] = {"step1": step(1), "step2": step(2)}
+    if n_spectrum:
+        sub = {k: v[:n_spectrum] for k, v in batch.items()}
+        keep, Phi_sub = _scored_positions(sub), loop_map(params, sub["tokens"], cfg, variant)
+        out["spectrum"] = {}
+        for name, K, rule in (("trained", K_train, "naive"), ("damped", max(K_max, K_train), "damped")):
+            h = continue_loops(params, sub["tokens"], cfg, variant, K_train, K, rule, s=s)[1]
+            lam = loop_spectrum(params, sub["tokens"], cfg, variant, h)
+            res = onp.sqrt(onp.sum((Phi_sub(h) - h) ** 2, axis=-1)[keep].sum() / onp.sum(h ** 2, axis=-1)[keep].sum())
+            out["spectrum"][name] = dict(spectrum_summary(lam, keep, s), K=K, residual=float(res))
+    return out
