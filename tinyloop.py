@@ -1691,7 +1691,7 @@ def spectrum_summary(lam, positions, s=0.5):
 
 
 def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=TEST_TIME_RULES, s=0.5, beta=0.5,
-                          tasks=DEFAULT_TASKS, n_spectrum=8):
+                          tasks=DEFAULT_TASKS, n_spectrum=16):
     """The experiment joining both papers, on one trained model (e.g. a saved train_toy model):
 
     1. the downstream average (mean over `tasks` of per-task exact match, as train_toy reports it) at
