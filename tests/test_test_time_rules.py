@@ -190,3 +190,7 @@ def test_bad_arguments_name_the_argument():
     batch = tl.make_batch(("copy",), 2, 8, onp.random.default_rng(0), n=3)
     with pytest.raises(ValueError, match="rules"):
         tl.sweep_test_time_rules(params, CFG, "FLT", batch, 2, rules=("naive", "heun"))
+    with pytest.raises(ValueError, match="K_max"):
+        tl.sweep_test_time_rules(params, CFG, "FLT", batch, 2, K_max=0)
+    with pytest.raises(ValueError, match="n_spectrum"):
+        tl.sweep_test_time_rules(params, CFG, "FLT", batch, 2, n_spectrum=-1)
