@@ -25,7 +25,10 @@ Map of this file (each part depends only on the parts above it):
  10. Both papers, one model [TFL]'s loop rules at test time on a TRAINED looped model (naive / damped / anchored
                             past K_train), the loop map's Jacobian and its eigenvalues (period 2 = eigenvalue -1)
 
-autograd rules followed throughout (see README): `import autograd.numpy as np` in differentiated code; no
+Around it: train_toy.py ([FLT] experiment), retrofit_toy.py ([TFL] experiment), tests/, notebooks/ (walkthroughs),
+docs/ (one page per experiment, and speed); README.md has the glossary, a quickstart and the commands.
+
+autograd rules followed throughout (see docs/speed.md): `import autograd.numpy as np` in differentiated code; no
 in-place assignment; means written as sum * (1/n) (np.mean on float32 makes float64 gradients); heads batched
 in one matmul; diagnostics read off values with `getval`, outside the gradient tape.
 """
@@ -60,27 +63,53 @@ def _check(ok, name, msg):
 # ============================================================================================================
 @dataclass(frozen=True)
 class Config:
-    vocab: int = 32                 # number of token ids
-    d_model: int = 64               # residual width d
-    n_heads: int = 4                # query heads H (head_dim = d_model / n_heads)
-    n_kv_heads: int | None = None   # key/value heads (grouped-query attention); None = n_heads
-    n_layers: int = 2               # L, layers in the stack (the stack is what gets looped)
-    n_loops: int = 1                # K, default loop count (forward() can override it, also at inference)
-    seq_len: int = 64               # maximum positions (length of the RoPE table)
-    d_ff: int | None = None         # MLP hidden width; None = 4 * d_model
-    mlp: str = "relu2"              # "relu2" (relu(x)^2, as in the FLT code) | "gelu" | "swiglu" (Llama)
-    norm: str = "rms"               # "rms": parameter-free RMSNorm (FLT) | "rms_gain": with learned gain (Llama)
-    norm_eps: float = 1e-6          # RMSNorm epsilon
-    qk_norm: bool = True            # parameter-free RMSNorm of each head's q and k (after RoPE)
-    softcap: float | None = 15.0    # logits = c * tanh(z / c); None = plain logits
-    rope: str = "half"              # RoPE pairs: "half" (i, i + dh/2), "pairs" (2i, 2i+1; GGUF), "none"
-    rope_theta: float = 10000.0     # RoPE base
-    n_experts: int = 0              # 0 = dense MLP; > 0 = top-k mixture-of-experts FFN
-    top_k: int = 2                  # experts per token (MoE only)
-    tie_embeddings: bool = False    # readout uses embed.T (Llama / SmolLM2) instead of its own matrix
-    embed_norm: bool = True         # the stack starts at n(e), e = E[tokens] (FLT code); False: at e (Llama)
-    branch_scale: float = 1.0       # each residual branch is multiplied by this (retrofit toys: < 1)
-    dtype: str = "float32"          # "float32" | "float64" (float64 for gradient checks)
+    """A model's shape and options. Frozen (hashable, safe to share) and validated on construction: a bad value
+    raises ValueError("<field>: ..."). The defaults are the [FLT] authors' block; load_gguf builds a Llama one.
+
+    Attributes (the defaults are in the signature above):
+        vocab           number of token ids (the toy tasks use tl.VOCAB = 18)
+        d_model         residual width d
+        n_heads         query heads H; the head width is d_model / n_heads (property head_dim)
+        n_kv_heads      key/value heads for grouped-query attention; None = n_heads (property kv_heads)
+        n_layers        L, layers in the stack (the stack is what gets looped)
+        n_loops         K, the default loop count; forward(..., n_loops=K) overrides it, also at inference
+        seq_len         maximum positions (the length of the RoPE table)
+        d_ff            MLP hidden width; None = 4 * d_model (property ff)
+        mlp             "relu2" (relu(x)^2, as in the FLT code) | "gelu" | "swiglu" (Llama)
+        norm            "rms": parameter-free RMSNorm (FLT) | "rms_gain": RMSNorm with a learned gain (Llama)
+        norm_eps        RMSNorm epsilon
+        qk_norm         parameter-free RMSNorm of each head's q and k, after RoPE (FLT)
+        softcap         logits = c * tanh(z / c) with c = softcap; None = plain logits
+        rope            RoPE pairs: "half" (i, i + dh/2; nanochat, HF) | "pairs" (2i, 2i+1; GGUF) | "none"
+        rope_theta      RoPE base
+        n_experts       0 = dense MLP; > 0 = a top-k mixture-of-experts FFN with this many experts
+        top_k           experts per token (MoE only)
+        tie_embeddings  the readout uses embed.T (Llama, SmolLM2) instead of its own matrix "head"
+        embed_norm      True: the stack starts at n(e), e = E[tokens] (FLT code); False: at e itself (Llama)
+        branch_scale    every residual branch is multiplied by this (1 = ordinary; retrofit toys: < 1)
+        dtype           "float32" | "float64" (float64 for gradient checks)
+    """
+    vocab: int = 32
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    n_layers: int = 2
+    n_loops: int = 1
+    seq_len: int = 64
+    d_ff: int | None = None
+    mlp: str = "relu2"
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    softcap: float | None = 15.0
+    rope: str = "half"
+    rope_theta: float = 10000.0
+    n_experts: int = 0
+    top_k: int = 2
+    tie_embeddings: bool = False
+    embed_norm: bool = True
+    branch_scale: float = 1.0
+    dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("vocab", "d_model", "n_heads", "n_layers", "n_loops", "seq_len"):
@@ -420,9 +449,15 @@ def param_shapes(cfg):
 
 
 def init_params(cfg, rng):
-    """Initialisation of the FLT code (nanochat): embedding N(0, 1); readout N(0, 0.001); q, k, v, router and
-    the MLP input uniform with std 1/sqrt(d); attention and MLP OUTPUT projections zero (every block starts
-    as the identity); gains one. rng: a numpy Generator or an int seed."""
+    """A fresh params tree of param_shapes(cfg), in cfg.dtype, initialised as in the FLT code (nanochat):
+    embedding N(0, 1); readout "head" N(0, 0.001); q, k, v, router and the MLP input uniform with std 1/sqrt(d);
+    attention and MLP OUTPUT projections (wo, w2) zero; gains one. rng: a numpy Generator or an int seed.
+
+    Because wo and w2 start at zero, every block starts as the identity map of the residual stream, so an
+    untrained model looks broken when you loop it: looping a window (forward(..., window=...)) gives bitwise
+    the unlooped logits for every rule and K, FLT and LT_ia give bitwise the same logits at every loop count,
+    and LT, LT_i, FLT_res differ only by the float32 rounding of their repeated normalisations. Train first
+    (tl.train); the looped variants and rules separate as soon as the output projections move."""
     rng = onp.random.default_rng(rng)
     bound = math.sqrt(3.0 / cfg.d_model)              # uniform(-b, b) has std b / sqrt(3) = 1 / sqrt(d)
 
