@@ -126,22 +126,38 @@ def _rowsum(x):
 
 
 def rms_norm(x, gain=None, eps=1e-6):
-    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]"""
+    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]
+    Finite and accurate for every finite x: a zero row gives 0, a row beyond ~1e19 (float32), where x^2
+    overflows, is rescaled by its largest entry first."""
     y = _rms(x, eps)
     return y if gain is None else y * gain
+
+
+def _rms_scale(x, eps):
+    """r = (mean(x^2) + eps)^(-1/2) per row, [..., 1]. Where the sum of squares overflows, it is computed as
+    m^2 mean((x/m)^2) with m = max|x| of the row:  r = (1/m) / sqrt(mean((x/m)^2) + eps/m^2)."""
+    inv_n = 1.0 / x.shape[-1]
+    with onp.errstate(over="ignore"):              # an overflow is caught just below
+        ss = _rowsum(x * x)
+    r = 1.0 / onp.sqrt(ss * inv_n + eps)
+    if not onp.isfinite(ss).all():                 # rare: only rows of huge (or non-finite) entries get here
+        m = onp.max(onp.abs(x), axis=-1, keepdims=True)
+        m = onp.where(onp.isfinite(ss) | (m == 0), 1, m).astype(x.dtype)
+        u = x / m
+        r = onp.where(onp.isfinite(ss), r, (1.0 / m) / onp.sqrt(_rowsum(u * u) * inv_n + (eps / m) / m))
+    return r
 
 
 @primitive
 def _rms(x, eps):
     """Parameter-free RMSNorm, one autograd primitive (its gradient is written by hand below)."""
-    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
-    return x * r
+    return x * _rms_scale(x, eps)
 
 
 def _rms_vjp(y, x, eps):
     # y = x r with r = (mean(x^2) + eps)^(-1/2).  dy_i/dx_j = r delta_ij - r y_i y_j / n, so
     #     dL/dx = r (g - y mean(g y))
-    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
+    r = _rms_scale(x, eps)
     return lambda g: r * (g - y * (_rowsum(g * y) * (1.0 / x.shape[-1])))
 
 
@@ -156,18 +172,65 @@ def softmax(z, axis=-1):
 
 
 def log_softmax(z):
-    """z - logsumexp(z) over the last axis."""
-    m = onp.max(getval(z), axis=-1, keepdims=True)
-    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+    """z - logsumexp(z) over the last axis, computed as (z - m) - log sum exp(z - m) with m = max z. (Adding m
+    back first, z - (m + log sum), loses the log term when m is large: [1e30, 1e30] would give [0, 0].)"""
+    d = z - onp.max(getval(z), axis=-1, keepdims=True)
+    return d - np.log(np.sum(np.exp(d), axis=-1, keepdims=True))
 
 
+def _sigmoids(x):
+    """(sigmoid(x), sigmoid(-x)) = (1 / (1 + e^-x), 1 / (1 + e^x)) for any x: exp is only taken of -|x|, so it
+    never overflows, and both tails keep their full relative precision (sigmoid(-100) = 3.7e-44, not 0)."""
+    e = onp.exp(-onp.abs(x))
+    r = 1.0 / (1.0 + e)
+    small = e * r                                   # sigmoid(-|x|)
+    neg = x < 0
+    return onp.where(neg, small, r), onp.where(neg, r, small)
+
+
+# GELU (tanh approximation, as in GPT-2) and SiLU (Llama's SwiGLU gate) are written as x * sigmoid(.), one
+# primitive each with its derivative by hand. Composed from exp and division, autograd differentiates
+# x / (1 + exp(-x)) into inf / inf = NaN once exp(-x) overflows (x < -88 in float32): a SwiGLU model whose
+# gate reaches -100 would get NaN gradients although every value is finite.
+_GELU_C = 2 * 0.7978845608028654                   # 2 sqrt(2 / pi):  0.5 (1 + tanh(u)) = sigmoid(2u)
+
+
+@primitive
 def gelu(x):
-    """GELU, tanh approximation."""
-    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    """GELU, tanh approximation:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  =  x sigmoid(v),
+    v = 2 sqrt(2/pi) x (1 + 0.044715 x^2). Finite with a finite gradient for every finite x."""
+    with onp.errstate(over="ignore"):              # |x| > 1e19 in float32: v = +-inf, sigmoid(v) = 1 or 0, as it should
+        return x * _sigmoids(_GELU_C * x * (1.0 + 0.044715 * x * x))[0]
 
 
+def _gelu_vjp(ans, x):
+    # d/dx x s(v) = s + x s (1 - s) v',  v' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2). Beyond |x| = 1e4, s (1 - s)
+    # is exactly 0 in float64 (v > 1e10), so x is clipped there for v' alone: x^2 must not overflow into 0 * inf.
+    def vjp(g):
+        with onp.errstate(over="ignore"):
+            s, s_neg = _sigmoids(_GELU_C * x * (1.0 + 0.044715 * x * x))
+        xc = onp.clip(x, -1e4, 1e4)
+        return g * (s + (x * (s * s_neg)) * (_GELU_C * (1.0 + 3 * 0.044715 * xc * xc)))
+    return vjp
+
+
+defvjp(gelu, _gelu_vjp)
+
+
+@primitive
 def silu(x):
-    return x / (1.0 + np.exp(-x))
+    """SiLU (swish):  x sigmoid(x). Finite with a finite gradient for every finite x."""
+    return x * _sigmoids(x)[0]
+
+
+def _silu_vjp(ans, x):
+    def vjp(g):                                     # d/dx x s(x) = s + x s (1 - s),  1 - s = sigmoid(-x)
+        s, s_neg = _sigmoids(x)
+        return g * (s + x * (s * s_neg))
+    return vjp
+
+
+defvjp(silu, _silu_vjp)
 
 
 def rope_tables(cfg, pos0, T):
@@ -459,14 +522,57 @@ def _leaves(tree):
     return [tree]
 
 
+def _as_array(x, name):
+    """onp.asarray(x), refusing text and ragged nested lists with a ValueError naming the argument."""
+    _check(not isinstance(x, (str, bytes)), name, f"must be an array, got a {type(x).__name__} {x[:20]!r}")
+    try:
+        return onp.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: cannot be read as an array ({e})") from None
+
+
 def _check_tokens(tokens, cfg):
-    tokens = onp.asarray(tokens)
-    _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}")
-    _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", "must be integer token ids")
+    """tokens as a [B, T] integer array with B, T >= 1, T <= seq_len and ids in [0, vocab); else a ValueError
+    naming `tokens` (text, floats, bools, ragged lists and one unbatched sequence included)."""
+    tokens = _as_array(tokens, "tokens")
+    _check(tokens.dtype.kind not in "USO", "tokens", f"must be integer token ids, got {tokens.dtype} values "
+           "(text must be encoded first, e.g. with Tokenizer.encode)")
+    _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}"
+           + ("; for one sequence x pass [x]" if tokens.ndim == 1 else ""))
+    _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", f"must be integer token ids, got dtype {tokens.dtype}")
+    _check(tokens.shape[0] >= 1 and tokens.shape[1] >= 1, "tokens", f"needs at least one position, got shape {tokens.shape}")
     _check(tokens.shape[1] <= cfg.seq_len, "tokens", f"{tokens.shape[1]} positions > seq_len={cfg.seq_len}")
-    _check(tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < cfg.vocab), "tokens",
-           f"ids must be in [0, vocab={cfg.vocab})")
+    _check(tokens.min() >= 0 and tokens.max() < cfg.vocab, "tokens",
+           f"ids must be in [0, vocab={cfg.vocab}), got {tokens.min()} .. {tokens.max()}")
     return tokens
+
+
+def _check_params(params, cfg, loop_layers=None):
+    """params (and each list of layers in loop_layers, when given) have exactly the names and shapes of
+    param_shapes(cfg): a model run with another model's Config fails here, naming `params`, not deep inside a
+    matmul (or silently: gains that a cfg with norm="rms" would ignore)."""
+    params = getval(params)                                              # under grad: a DictBox
+    _check(isinstance(params, dict), "params", f"must be a params dict (init_params, load, load_gguf), "
+           f"got {type(params).__name__}")
+    want = param_shapes(cfg)
+    _check_shapes({k: v for k, v in params.items() if k != "layers"},
+                  {k: v for k, v in want.items() if k != "layers"}, "", cfg)
+    layer_lists = [params.get("layers")] if loop_layers is None else getval(loop_layers)
+    for layers in {id(x): getval(x) for x in layer_lists}.values():     # each distinct list once
+        _check(isinstance(layers, (list, tuple)) and len(layers) == cfg.n_layers, "params",
+               f"needs a list of n_layers={cfg.n_layers} layers, got {type(layers).__name__} "
+               f"{'of ' + str(len(layers)) if isinstance(layers, (list, tuple)) else ''}")
+        for l, p in enumerate(layers):
+            _check_shapes(p, want["layers"][0], f"layers.{l}.", cfg)
+
+
+def _check_shapes(tree, shapes, prefix, cfg):
+    tree = getval(tree)
+    have = {k: onp.shape(getval(v)) for k, v in _named_leaves(tree)} if isinstance(tree, dict) else {}
+    need = {k: tuple(s) for k, s in _named_leaves(shapes)}
+    for k in sorted(set(have) | set(need)):
+        _check(have.get(k) == need.get(k), "params", f"{prefix}{k} has shape {have.get(k, '(missing)')}, but the "
+               f"Config needs {need.get(k, 'no such parameter')}: params and cfg do not belong together ({cfg})")
 
 
 def final_norm(params, x, cfg):
@@ -501,12 +607,15 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     """
     _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
     K = cfg.n_loops if n_loops is None else n_loops
-    _check(isinstance(K, (int, onp.integer)) and K >= 1, "n_loops", f"must be an integer >= 1, got {K!r}")
+    _check(isinstance(K, (int, onp.integer)) and not isinstance(K, bool) and K >= 1, "n_loops",
+           f"must be an integer >= 1, got {K!r}")
     _check(variant != "standard" or n_loops in (None, 1), "n_loops",
            "the standard transformer is not looped; use a looped variant or a training-free window")
     _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
-    _check(loop_layers is None or len(loop_layers) == K, "loop_layers", f"needs one layer list per loop ({K})")
+    _check(loop_layers is None or (isinstance(getval(loop_layers), (list, tuple)) and len(loop_layers) == K), "loop_layers",
+           f"needs one layer list per loop ({K})")
     tokens = _check_tokens(tokens, cfg)
+    _check_params(params, cfg, loop_layers)
     K = 1 if variant == "standard" else int(K)
     e = embed_lookup(params["embed"], tokens)                               # [B,T,d]
     eps = cfg.norm_eps
@@ -653,18 +762,47 @@ def per_task_accuracy(logits, batch, tasks):
 # 6. Training
 # ============================================================================================================
 def cross_entropy(logits, targets, mask=None):
-    """Mean over counted positions of -log softmax(logits)[target].  logits [B,T,V], targets/mask [B,T]."""
-    m = onp.ones(targets.shape) if mask is None else onp.asarray(mask, dtype=onp.float64)
-    return _xent(logits, onp.asarray(targets), m / max(float(m.sum()), 1.0))
+    """Mean over counted positions of -log softmax(logits)[target].
+
+    logits [..., V] floats (typically [B, T, V]); targets [...] integer ids, the same shape without V; mask
+    None (every position counts) or [...] of 0/1 (or non-negative weights): positions with mask 0 are
+    ignored. A counted target must be in [0, V); an ignored one may hold any integer (e.g. -100, PyTorch's
+    ignore_index): it is never read. Returns 0 when no position counts. Raises ValueError naming `logits`,
+    `targets` or `mask` for a wrong shape, dtype or value (a target -1 would otherwise pick class V - 1)."""
+    z = getval(logits)
+    if not isinstance(z, onp.ndarray):
+        logits = z = _as_array(z, "logits")
+    _check(z.ndim >= 1 and onp.issubdtype(z.dtype, onp.floating), "logits",
+           f"must be a float array [..., vocab], got {type(z).__name__} {getattr(z, 'dtype', '')}")
+    _check(z.shape[-1] >= 1, "logits", f"has an empty vocab axis, shape {z.shape}")
+    t = _as_array(targets, "targets")
+    _check(t.shape == z.shape[:-1], "targets", f"shape {t.shape} does not match logits {z.shape}: need {z.shape[:-1]}")
+    _check(onp.issubdtype(t.dtype, onp.integer), "targets", f"must be integer class ids, got dtype {t.dtype}")
+    if mask is None:
+        m = onp.ones(t.shape)
+    else:
+        m = _as_array(mask, "mask")
+        _check(m.shape == t.shape, "mask", f"shape {m.shape} does not match targets {t.shape}")
+        _check(m.dtype == bool or onp.issubdtype(m.dtype, onp.number), "mask", f"must be 0/1 or weights, got dtype {m.dtype}")
+        m = m.astype(onp.float64)
+        _check(bool(onp.all(onp.isfinite(m) & (m >= 0))), "mask", "must be finite and >= 0 (1 = counted, 0 = ignored)")
+    counted = m != 0
+    bad = counted & ((t < 0) | (t >= z.shape[-1]))
+    if bad.any():
+        where = tuple(int(i[0]) for i in onp.nonzero(bad))
+        raise ValueError(f"targets: {int(bad.sum())} counted target(s) outside [0, vocab={z.shape[-1]}), e.g. "
+                         f"{int(t[where])} at {where}; give such positions mask 0 to ignore them")
+    return _xent(logits, onp.where(counted, t, 0), m / max(float(m.sum()), 1.0))
 
 
 @primitive
 def _xent(z, targets, w):
-    """sum over positions of w * (logsumexp(z) - z[target]); one primitive."""
+    """sum over positions of w * (logsumexp(z) - z[target]); one primitive. logsumexp(z) - z_t is computed as
+    (max z - z_t) + log sum exp(z - max z): adding the max back first would round the log term away."""
     zmax = z.max(axis=-1, keepdims=True)
-    lse = zmax[..., 0] + onp.log(onp.sum(onp.exp(z - zmax), axis=-1))
     picked = onp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-    return onp.sum(w * (lse - picked)).astype(z.dtype)
+    nll = (zmax[..., 0] - picked) + onp.log(onp.sum(onp.exp(z - zmax), axis=-1))
+    return onp.sum(w * nll).astype(z.dtype)
 
 
 def _xent_vjp(ans, z, targets, w):
