@@ -540,7 +540,8 @@ def _check_tokens(tokens, cfg):
     _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}"
            + ("; for one sequence x pass [x]" if tokens.ndim == 1 else ""))
     _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", f"must be integer token ids, got dtype {tokens.dtype}")
-    _check(tokens.shape[0] >= 1 and tokens.shape[1] >= 1, "tokens", f"needs at least one position, got shape {tokens.shape}")
+    _check(tokens.shape[0] >= 1 and tokens.shape[1] >= 1, "tokens",
+           f"needs at least one position, got shape {tokens.shape}")
     _check(tokens.shape[1] <= cfg.seq_len, "tokens", f"{tokens.shape[1]} positions > seq_len={cfg.seq_len}")
     _check(tokens.min() >= 0 and tokens.max() < cfg.vocab, "tokens",
            f"ids must be in [0, vocab={cfg.vocab}), got {tokens.min()} .. {tokens.max()}")
@@ -612,8 +613,8 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     _check(variant != "standard" or n_loops in (None, 1), "n_loops",
            "the standard transformer is not looped; use a looped variant or a training-free window")
     _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
-    _check(loop_layers is None or (isinstance(getval(loop_layers), (list, tuple)) and len(loop_layers) == K), "loop_layers",
-           f"needs one layer list per loop ({K})")
+    _check(loop_layers is None or (isinstance(getval(loop_layers), (list, tuple)) and len(loop_layers) == K),
+           "loop_layers", f"needs one layer list per loop ({K})")
     tokens = _check_tokens(tokens, cfg)
     _check_params(params, cfg, loop_layers)
     K = 1 if variant == "standard" else int(K)
@@ -783,7 +784,8 @@ def cross_entropy(logits, targets, mask=None):
     else:
         m = _as_array(mask, "mask")
         _check(m.shape == t.shape, "mask", f"shape {m.shape} does not match targets {t.shape}")
-        _check(m.dtype == bool or onp.issubdtype(m.dtype, onp.number), "mask", f"must be 0/1 or weights, got dtype {m.dtype}")
+        _check(m.dtype == bool or onp.issubdtype(m.dtype, onp.number), "mask",
+               f"must be 0/1 or weights, got dtype {m.dtype}")
         m = m.astype(onp.float64)
         _check(bool(onp.all(onp.isfinite(m) & (m >= 0))), "mask", "must be finite and >= 0 (1 = counted, 0 = ignored)")
     counted = m != 0
