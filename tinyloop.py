@@ -688,7 +688,10 @@ def make_example(task, rng, n=6):
       add                     two n//2-digit numbers, digits least-significant first -> their sum (n//2 + 1 digits)
       parity                  n bits -> running parity (prefix XOR), n bits: sequential, one carry per step
       khop                    a table A of 10 digits, a start s and a hop count k in 1..4 -> A^k(s): pointer chasing
+    rng: a numpy Generator or an int seed. Raises ValueError naming `task`, `rng` or `n`.
     """
+    _check(isinstance(task, str) and task in TASKS, "task", f"unknown task {task!r}; choose from {TASKS}")
+    rng, n = _generator(rng), _count(n, "n")
     if task in ("copy", "reverse", "sort"):
         x = rng.integers(0, 10, n).tolist()
         ans = {"copy": x, "reverse": x[::-1], "sort": sorted(x)}[task]
@@ -708,7 +711,34 @@ def make_example(task, rng, n=6):
         for _ in range(k):
             y = table[y]
         return [TASK_TOKEN[task]] + table + [s, k], [y], 10
-    raise ValueError(f"task: unknown task {task!r}; choose from {TASKS}")
+
+
+def _generator(rng):
+    """A numpy Generator as it is, or one seeded by an int (the obvious reading of a seed)."""
+    if isinstance(rng, onp.random.Generator):
+        return rng
+    _check(isinstance(rng, (int, onp.integer)) and not isinstance(rng, bool) and rng >= 0, "rng",
+           f"must be a numpy Generator (np.random.default_rng(seed)) or an int seed >= 0, got {rng!r}")
+    return onp.random.default_rng(rng)
+
+
+def _count(v, name, lo=1):
+    """v as an int >= lo (bools and floats refused), else ValueError naming `name`."""
+    _check(isinstance(v, (int, onp.integer)) and not isinstance(v, bool) and v >= lo, name,
+           f"must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _task_list(tasks):
+    """tasks as a tuple of known task names. One name (a str) is the one-task mixture: make_batch("copy", ...)
+    means make_batch(["copy"], ...), not the tasks "c", "o", "p", "y"."""
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    _check(isinstance(tasks, (list, tuple, onp.ndarray)) and len(tasks) >= 1, "tasks",
+           f"must be a task name or a non-empty list of them from {TASKS}, got {tasks!r}")
+    for t in tasks:
+        _check(isinstance(t, str) and t in TASKS, "tasks", f"unknown task {t!r}; choose from {TASKS}")
+    return tuple(tasks)
 
 
 def example_length(task, n=6):
@@ -718,12 +748,15 @@ def example_length(task, n=6):
 
 
 def make_batch(tasks, batch_size, length, rng, n=6):
-    """A batch mixing `tasks` uniformly. length = positions the model sees (sequences are length + 1 long).
+    """A batch mixing `tasks` uniformly (a list of names from TASKS; one name alone is a one-task batch).
+    length = positions the model sees (sequences are length + 1 long); rng: a numpy Generator or an int seed.
     Returns dict: tokens [B, length] (inputs), targets [B, length] (next tokens), mask [B, length] (1 where
     the target is an answer token), task [B] (index into tasks), answer_start [B] (first answer target
-    position), log_alphabet [B, length] (log of the answer alphabet size, the chance-level loss per token)."""
+    position), log_alphabet [B, length] (log of the answer alphabet size, the chance-level loss per token).
+    Raises ValueError naming `tasks`, `batch_size`, `length`, `rng` or `n`."""
+    tasks, rng = _task_list(tasks), _generator(rng)
+    batch_size, length, n = _count(batch_size, "batch_size"), _count(length, "length"), _count(n, "n")
     for t in tasks:
-        _check(t in TASKS, "tasks", f"unknown task {t!r}; choose from {TASKS}")
         _check(example_length(t, n) <= length + 1, "length", f"task {t} needs {example_length(t, n) - 1} positions")
     seqs = onp.full((batch_size, length + 1), PAD, dtype=onp.int64)
     mask = onp.zeros((batch_size, length), dtype=onp.float32)
@@ -741,22 +774,41 @@ def make_batch(tasks, batch_size, length, rng, n=6):
             "answer_start": start, "log_alphabet": logalpha}
 
 
+def _batch_fields(batch, *keys):
+    """The arrays batch[key] of a make_batch dict, else ValueError naming `batch`."""
+    _check(isinstance(batch, dict) and all(k in batch for k in keys), "batch",
+           f"must be make_batch's dict (with {', '.join(keys)}), got {type(batch).__name__}"
+           + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    return [onp.asarray(batch[k]) for k in keys]
+
+
 def chance_loss(batch):
     """Cross-entropy of guessing each answer token uniformly from its alphabet (the collapse reference)."""
-    return float(onp.sum(batch["log_alphabet"] * batch["mask"]) / onp.sum(batch["mask"]))
+    log_alphabet, mask = _batch_fields(batch, "log_alphabet", "mask")
+    _check(mask.sum() > 0, "batch", "has no answer token (mask is all zero)")
+    return float(onp.sum(log_alphabet * mask) / onp.sum(mask))
 
 
 def exact_match(logits, batch):
     """Per-example exact match: every answer token is the argmax of its (teacher-forced) logits. With
-    deterministic answers this equals greedy decoding getting the whole answer right. -> bool [B]."""
-    pred = onp.argmax(getval(logits), axis=-1)
-    wrong = (pred != batch["targets"]) & (batch["mask"] > 0)
+    deterministic answers this equals greedy decoding getting the whole answer right. logits [B, T, V] of
+    the batch's tokens [B, T] -> bool [B]. Raises ValueError naming `logits` when the shapes differ (they would
+    otherwise broadcast)."""
+    targets, mask = _batch_fields(batch, "targets", "mask")
+    z = onp.asarray(getval(logits))
+    _check(z.ndim == 3 and z.shape[:2] == targets.shape, "logits",
+           f"shape {z.shape} does not fit the batch's targets {targets.shape}: need {targets.shape + ('vocab',)}")
+    wrong = (onp.argmax(z, axis=-1) != targets) & (mask > 0)
     return ~onp.any(wrong, axis=1)
 
 
 def per_task_accuracy(logits, batch, tasks):
-    ok = exact_match(logits, batch)
-    return {t: float(onp.mean(ok[batch["task"] == i])) for i, t in enumerate(tasks) if onp.any(batch["task"] == i)}
+    """{task name: exact-match rate} over the batch's examples of each task; `tasks` as given to make_batch."""
+    tasks, ok = _task_list(tasks), exact_match(logits, batch)
+    (task,) = _batch_fields(batch, "task")
+    _check(task.max() < len(tasks), "tasks", f"the batch has task index {task.max()}, but only {len(tasks)} "
+           "tasks are named: pass the list the batch was made with")
+    return {t: float(onp.mean(ok[task == i])) for i, t in enumerate(tasks) if onp.any(task == i)}
 
 
 # ============================================================================================================
@@ -984,11 +1036,23 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def _json_default(x):
+    """json.dump's fallback: NumPy scalars and arrays become Python numbers and lists (float32 losses, int64 steps)."""
+    if isinstance(x, (onp.generic, onp.ndarray)):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 def write_json(path, obj):
-    """Write obj as JSON, atomically."""
+    """Write obj as JSON, atomically. NumPy scalars and arrays are written as numbers and lists."""
+    try:
+        text = json.dumps(obj, indent=1, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"obj: cannot be written as JSON ({e})") from None
+
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
     atomic_write(path, write)
 
 
@@ -1006,12 +1070,21 @@ def tune_malloc():
 
 
 def save(path, params, cfg, meta=None):
-    """Write params + config (+ optional JSON-able meta) to one .npz file, atomically."""
+    """Write params + config (+ optional JSON-able meta; NumPy scalars allowed) to one .npz file, atomically.
+    Refuses (ValueError naming the argument) what load() would refuse: params that do not match cfg or hold
+    non-finite values, and meta that is not JSON."""
     _check(str(path).endswith(".npz"), "path", f"must end in .npz, got {path!r}")
+    _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
+    _check_params(params, cfg)
     arrays = {f"p.{k}": onp.asarray(v) for k, v in _named_leaves(params)}
+    bad = [k[2:] for k, v in arrays.items() if not onp.all(onp.isfinite(v))]
+    _check(not bad, "params", f"non-finite values in {bad[:3]} (a diverged run?); load() would refuse the file")
+    try:
+        arrays["__meta__"] = onp.array(json.dumps(meta or {}, default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta: must be JSON-able ({e})") from None
     arrays["__format__"] = onp.array(_FORMAT)
     arrays["__config__"] = onp.array(json.dumps(dataclasses.asdict(cfg)))
-    arrays["__meta__"] = onp.array(json.dumps(meta or {}))
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -1024,7 +1097,13 @@ def load(path, expect_cfg=None):
     missing, corrupt, truncated or foreign file, and for parameters whose names or shapes do not match the
     stored config (or `expect_cfg`, when given)."""
     path = os.fspath(path)
-    _check(os.path.exists(path), "path", f"no checkpoint at {path!r}")
+    _check(os.path.isfile(path), "path", f"no checkpoint at {path!r}")
+    _check(expect_cfg is None or isinstance(expect_cfg, Config), "expect_cfg",
+           f"must be a Config or None, got {type(expect_cfg).__name__}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    _check(magic == b"PK\x03\x04", "path", f"{path!r} is not a tinyloop checkpoint: save() writes a .npz (zip) "
+           f"file, this one starts with {magic!r}")
     try:
         with onp.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -1035,7 +1114,7 @@ def load(path, expect_cfg=None):
     try:
         cfg = Config(**json.loads(str(data["__config__"])))
         meta = json.loads(str(data["__meta__"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError) as err:                   # JSONDecodeError is a ValueError
         raise ValueError(f"path: {path!r} has an unreadable config ({err})") from None
     if expect_cfg is not None:
         _check(cfg == expect_cfg, "path", f"{path!r} holds a model with a different config: {cfg} != {expect_cfg}")
@@ -1046,6 +1125,7 @@ def load(path, expect_cfg=None):
     for k, shape in names.items():
         _check(stored[k].shape == tuple(shape), "path", f"{path!r}: {k} has shape {stored[k].shape}, "
                f"config says {tuple(shape)}")
+        _check(stored[k].dtype.kind in "fiu", "path", f"{path!r}: {k} holds {stored[k].dtype} values, not numbers")
         _check(bool(onp.all(onp.isfinite(stored[k]))), "path", f"{path!r}: {k} holds non-finite values")
     return _unflatten({k: v.astype(cfg.dtype) for k, v in stored.items()}, param_shapes(cfg)), cfg, meta
 
