@@ -230,3 +230,253 @@ def test_swiglu_gate_at_minus_184_trains():
         onp.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * onp.abs(b).max(), err_msg=name)
     _, hist = tl.train(params, cfg, lambda step: batch, 3, 1e-3, variant="standard", progress=False)
     assert hist["status"] == "ok" and hist["diverged_at"] is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Cross-entropy targets and mask
+# ------------------------------------------------------------------------------------------------------------
+Z = onp.random.default_rng(0).standard_normal((1, 3, 5))
+
+
+def nll(z, t):
+    """-log softmax(z)[t] in float64, one position."""
+    return float(onp.log(onp.exp(z - z.max()).sum()) + z.max() - z[t])
+
+
+@pytest.mark.parametrize("bad", [-1, -100, 5, 7])
+def test_counted_targets_outside_the_vocab_are_refused(bad):
+    """-1 used to pick class V-1 in the loss while its gradient treated the target as all-zero (a finite difference
+    gave -0.3222, the gradient 0.0111); -100 and V ended in a bare IndexError."""
+    with pytest.raises(ValueError, match=rf"targets: 1 counted target\(s\) outside \[0, vocab=5\), e.g. {bad} at \(0, 1\)"):
+        tl.cross_entropy(Z, onp.array([[1, bad, 2]]))
+    with pytest.raises(ValueError, match="targets"):
+        tl.cross_entropy(Z, onp.array([[1, bad, 2]]), onp.array([[0, 1, 1]]))
+
+
+@pytest.mark.parametrize("ignored", [-1, -100, 5, 123456])
+def test_masked_positions_may_hold_any_id(ignored):
+    """A masked-out position is never read (PyTorch's ignore_index=-100 style): its loss and gradient are zero."""
+    t, m = onp.array([[1, ignored, 2]]), onp.array([[1, 0, 1]])
+    want = (nll(Z[0, 0], 1) + nll(Z[0, 2], 2)) / 2
+    assert abs(float(tl.cross_entropy(Z, t, m)) - want) < 1e-12
+    g = grad(tl.cross_entropy)(Z, t, m)
+    assert onp.all(g[0, 1] == 0)
+    dz = onp.zeros_like(Z)                                       # the gradient is the loss's: central differences
+    for i, j in [(0, 4), (2, 2), (1, 3)]:
+        dz[:] = 0
+        dz[0, i, j] = 1e-6
+        fd = (tl.cross_entropy(Z + dz, t, m) - tl.cross_entropy(Z - dz, t, m)) / 2e-6
+        assert abs(fd - g[0, i, j]) < 1e-8, (i, j)
+
+
+def test_cross_entropy_weights_and_empty_mask():
+    t = onp.array([[1, 3, 2]])
+    w = onp.array([[2.0, 0.5, 0.0]])
+    want = (2 * nll(Z[0, 0], 1) + 0.5 * nll(Z[0, 1], 3)) / 2.5
+    assert abs(float(tl.cross_entropy(Z, t, w)) - want) < 1e-12
+    assert float(tl.cross_entropy(Z, t, onp.zeros((1, 3)))) == 0.0      # nothing counted: 0, not NaN
+    assert abs(float(tl.cross_entropy(Z[0], t[0])) - onp.mean([nll(Z[0, i], t[0, i]) for i in range(3)])) < 1e-12
+
+
+@pytest.mark.parametrize("logits, targets, mask, name", [
+    (Z, onp.array([1, 2, 3]), None, "targets: shape"),                      # [T] for [B, T]
+    (Z, onp.array([[1, 2]]), None, "targets: shape"),
+    (Z, onp.array([[1.0, 2.0, 3.0]]), None, "targets: must be integer"),    # floats are not ids
+    (Z, "abc", None, "targets: must be an array, got a str"),
+    (Z, onp.array([[1, 2, 3]]), onp.array([1, 0, 1]), "mask: shape"),       # [T] broadcast silently before
+    (Z, onp.array([[1, 2, 3]]), onp.array([[1, onp.nan, 1]]), "mask: must be finite"),
+    (Z, onp.array([[1, 2, 3]]), onp.array([[1, -1, 1]]), "mask: must be finite and >= 0"),
+    (Z, onp.array([[1, 2, 3]]), onp.array([["a", "b", "c"]]), "mask: must be 0/1"),
+    (Z.astype(int), onp.array([[1, 2, 3]]), None, "logits: must be a float array"),
+    (onp.zeros((1, 3, 0)), onp.array([[0, 0, 0]]), None, "logits: has an empty vocab"),
+])
+def test_cross_entropy_refuses_bad_arrays(logits, targets, mask, name):
+    with pytest.raises(ValueError, match=name):
+        tl.cross_entropy(logits, targets, mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Array arguments of forward, the data, checkpoint and tokenizer functions
+# ------------------------------------------------------------------------------------------------------------
+CFG = tl.Config(vocab=18, d_model=16, n_heads=2, n_layers=1, seq_len=16)
+PARAMS = tl.init_params(CFG, 0)
+TOKS = onp.random.default_rng(1).integers(0, 18, (2, 5))
+
+
+def other(**kw):
+    return tl.Config(**{**CFG.__dict__, **kw})
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: tl.forward(PARAMS, "a prompt", CFG), "tokens: must be an array, got a str"),
+    (lambda: tl.forward(PARAMS, [["a", "b"]], CFG), "tokens: must be integer token ids, got <U1 values"),
+    (lambda: tl.forward(PARAMS, [[1, 2], [3]], CFG), "tokens: cannot be read as an array"),
+    (lambda: tl.forward(PARAMS, [1, 2, 3], CFG), r"tokens: must be \[batch, positions\], got shape \(3,\); for one"),
+    (lambda: tl.forward(PARAMS, TOKS.astype(float), CFG), "tokens: must be integer token ids, got dtype float64"),
+    (lambda: tl.forward(PARAMS, TOKS > 3, CFG), "tokens: must be integer token ids, got dtype bool"),
+    (lambda: tl.forward(PARAMS, onp.zeros((1, 0), int), CFG), "tokens: needs at least one position"),
+    (lambda: tl.forward(PARAMS, onp.zeros((0, 3), int), CFG), "tokens: needs at least one position"),
+    (lambda: tl.forward(PARAMS, TOKS - 1, CFG), r"tokens: ids must be in \[0, vocab=18\), got -1"),
+    (lambda: tl.forward(PARAMS, onp.zeros((1, 17), int), CFG), "tokens: 17 positions > seq_len=16"),
+    (lambda: tl.forward(PARAMS, TOKS, CFG, "FLT", n_loops=True), "n_loops: must be an integer >= 1, got True"),
+    (lambda: tl.forward(PARAMS, TOKS, CFG, "FLT", n_loops=2.0), "n_loops"),
+    (lambda: tl.forward(PARAMS, TOKS, other(d_model=32)), r"params: embed has shape \(18, 16\), but the Config needs \(18, 32\)"),
+    (lambda: tl.forward(PARAMS, TOKS, other(vocab=20)), r"params: embed has shape \(18, 16\)"),
+    (lambda: tl.forward(PARAMS, TOKS, other(n_layers=2)), "params: needs a list of n_layers=2 layers, got list of 1"),
+    (lambda: tl.forward(PARAMS, TOKS, other(n_kv_heads=1)), r"params: layers.0.attn.wk has shape \(16, 16\), but the Config needs \(16, 8\)"),
+    (lambda: tl.forward(PARAMS, TOKS, other(mlp="swiglu")), r"params: layers.0.mlp.w3 has shape \(missing\)"),
+    (lambda: tl.forward(tl.init_params(other(norm="rms_gain"), 0), TOKS, CFG), "params: g_final has shape .* no such parameter"),
+    (lambda: tl.forward(PARAMS, TOKS, other(tie_embeddings=True)), "params: head has shape .* no such parameter"),
+    (lambda: tl.forward([PARAMS], TOKS, CFG), "params: must be a params dict"),
+])
+def test_forward_refuses_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_forward_params_check_is_cheap_on_the_real_model_size():
+    """The params check walks every leaf: on a 30-layer tree it must stay far below a forward pass."""
+    import time
+    cfg = tl.Config(vocab=64, d_model=8, n_heads=2, n_layers=30, seq_len=8, mlp="swiglu", norm="rms_gain")
+    params = tl.init_params(cfg, 0)
+    t = time.perf_counter()
+    for _ in range(10):
+        tl._check_params(params, cfg)
+    assert (time.perf_counter() - t) / 10 < 0.01
+
+
+def test_make_batch_reads_one_task_name_as_a_one_task_mixture():
+    """make_batch('copy', ...) said "unknown task 'c'" (the str was iterated). One name means [name]; an int rng
+    means default_rng(int), like init_params."""
+    a = tl.make_batch("copy", 4, 13, onp.random.default_rng(5))
+    b = tl.make_batch(["copy"], 4, 13, onp.random.default_rng(5))
+    c = tl.make_batch(("copy",), 4, 13, 5)
+    for k in b:
+        assert onp.array_equal(a[k], b[k]) and onp.array_equal(b[k], c[k]), k
+    assert tl.per_task_accuracy(onp.zeros((4, 13, 18)), a, "copy") == {"copy": 0.0}
+    assert tl.make_example("sort", 3, n=4) == tl.make_example("sort", onp.random.default_rng(3), n=4)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: tl.make_batch([], 2, 13, 0), "tasks: must be a task name or a non-empty list"),
+    (lambda: tl.make_batch("cpy", 2, 13, 0), "tasks: unknown task 'cpy'"),
+    (lambda: tl.make_batch(["copy", 3], 2, 13, 0), "tasks: unknown task 3"),
+    (lambda: tl.make_batch({"copy"}, 2, 13, 0), "tasks: must be a task name or a non-empty list"),
+    (lambda: tl.make_batch("copy", 0, 13, 0), "batch_size: must be an integer >= 1, got 0"),
+    (lambda: tl.make_batch("copy", True, 13, 0), "batch_size: must be an integer >= 1, got True"),
+    (lambda: tl.make_batch("copy", 2.0, 13, 0), "batch_size"),
+    (lambda: tl.make_batch("copy", 2, 12, 0), "length: task copy needs 13 positions"),
+    (lambda: tl.make_batch("copy", 2, "13", 0), "length"),
+    (lambda: tl.make_batch("copy", 2, 13, onp.random.RandomState(0)), "rng: must be a numpy Generator"),
+    (lambda: tl.make_batch("copy", 2, 13, -1), "rng"),
+    (lambda: tl.make_batch("copy", 2, 13, 0, n=0), "n: must be an integer >= 1"),
+    (lambda: tl.make_example("nope", 0), "task: unknown task 'nope'"),
+    (lambda: tl.make_example(["copy"], 0), "task: unknown task"),
+    (lambda: tl.example_length("copy", n=-2), "n: must be an integer >= 1"),
+])
+def test_data_functions_refuse_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_scoring_refuses_logits_that_do_not_fit_the_batch():
+    """exact_match broadcast a [1, T, V] logit block against a batch of 4 and returned 4 answers."""
+    b = tl.make_batch("copy", 4, 13, 0)
+    with pytest.raises(ValueError, match=r"logits: shape \(1, 13, 18\) does not fit the batch's targets \(4, 13\)"):
+        tl.exact_match(onp.zeros((1, 13, 18)), b)
+    with pytest.raises(ValueError, match="logits"):
+        tl.exact_match(onp.zeros((4, 13)), b)
+    with pytest.raises(ValueError, match="batch: must be make_batch's dict"):
+        tl.exact_match(onp.zeros((4, 13, 18)), (b["tokens"], b["targets"], b["mask"]))
+    with pytest.raises(ValueError, match="tasks: the batch has task index 1, but only 1 tasks are named"):
+        tl.per_task_accuracy(onp.zeros((8, 13, 18)), tl.make_batch(["copy", "sort"], 8, 13, 0), ["copy"])
+    with pytest.raises(ValueError, match="batch: has no answer token"):
+        tl.chance_loss({**b, "mask": onp.zeros_like(b["mask"])})
+    onp.testing.assert_array_equal(tl.exact_match(onp.eye(18)[b["targets"]], b), [True] * 4)
+
+
+def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
+    """load('README.md') advised allow_pickle=; a .npy file ended in a TypeError."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# tinyloop\n")
+    with pytest.raises(ValueError, match=r"path: .*README.md' is not a tinyloop checkpoint: save\(\) writes a .npz "
+                                         r"\(zip\) file, this one starts with b'# ti'") as e:
+        tl.load(readme)
+    assert "pickle" not in str(e.value)
+    onp.save(tmp_path / "a.npy", onp.zeros(3))
+    with pytest.raises(ValueError, match=r"path: .*a.npy' is not a tinyloop checkpoint"):
+        tl.load(tmp_path / "a.npy")
+    onp.savez(tmp_path / "other.npz", x=onp.zeros(3))
+    with pytest.raises(ValueError, match="format tag missing"):
+        tl.load(tmp_path / "other.npz")
+    for p in (tmp_path, tmp_path / "missing.npz"):
+        with pytest.raises(ValueError, match="path: no checkpoint at"):
+            tl.load(p)
+    tl.save(tmp_path / "ok.npz", PARAMS, CFG)
+    with pytest.raises(ValueError, match="expect_cfg: must be a Config"):
+        tl.load(tmp_path / "ok.npz", expect_cfg={"vocab": 18})
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    with pytest.raises(ValueError, match=r"params: embed has shape \(18, 16\), but the Config needs \(20, 16\)"):
+        tl.save(tmp_path / "x.npz", PARAMS, other(vocab=20))
+    bad = {**PARAMS, "embed": PARAMS["embed"].copy()}
+    bad["embed"][3, 1] = onp.nan
+    with pytest.raises(ValueError, match=r"params: non-finite values in \['embed'\]"):
+        tl.save(tmp_path / "x.npz", bad, CFG)
+    with pytest.raises(ValueError, match="meta: must be JSON-able"):
+        tl.save(tmp_path / "x.npz", PARAMS, CFG, meta={"f": print})
+    with pytest.raises(ValueError, match="cfg: must be a Config"):
+        tl.save(tmp_path / "x.npz", PARAMS, CFG.__dict__)
+    assert not os.path.exists(tmp_path / "x.npz")
+    meta = {"loss": onp.float32(0.5), "step": onp.int64(3), "curve": onp.arange(3)}   # NumPy values are numbers
+    tl.save(tmp_path / "x.npz", PARAMS, CFG, meta)
+    assert tl.load(tmp_path / "x.npz")[2] == {"loss": 0.5, "step": 3, "curve": [0, 1, 2]}
+    tl.write_json(tmp_path / "r.json", meta)
+    import json
+    assert json.load(open(tmp_path / "r.json")) == {"loss": 0.5, "step": 3, "curve": [0, 1, 2]}
+
+
+def test_missing_real_extra_names_the_install_command(monkeypatch):
+    """Without the `real` extra, load_gguf() ended in a bare ModuleNotFoundError; so did the Tokenizer (regex)."""
+    for module, call in (("gguf", lambda: tl.load_gguf()), ("regex", lambda: tl.Tokenizer(["a"], [])),
+                         ("gguf", lambda: tl.dequantize(onp.zeros(144, onp.uint8), "Q4_K"))):
+        monkeypatch.setitem(sys.modules, module, None)              # what an absent package looks like to import
+        monkeypatch.setattr(tl, "_GGUF_TYPES", [])
+        with pytest.raises(ModuleNotFoundError, match=rf'needs the `{module}` package.*\n.*pip install -e "\.\[real\]"'):
+            call()
+        monkeypatch.undo()
+    onp.testing.assert_array_equal(tl.dequantize(onp.zeros(34, onp.uint8), "Q8_0"), onp.zeros(32))  # by hand: no gguf
+
+
+@pytest.fixture(scope="module")
+def tok():
+    pytest.importorskip("regex")
+    return tl.Tokenizer(["a", "b", "ab", "<s>"], ["a b"], special=["<s>"])
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([-1], r"ids: must be in \[0, vocab=4\), got -1"),            # decoded as the last token before
+    ([4], r"ids: must be in \[0, vocab=4\)"),
+    ([1.7], "ids: must be one sequence of integer ids"),           # decoded as id 1 before
+    ("ab", "ids: must be an array, got a str"),
+    ([[0, 1]], r"ids: must be one sequence of integer ids, got shape \(1, 2\)"),
+    ([True], "ids: must be one sequence of integer ids"),
+])
+def test_decode_refuses_bad_ids(tok, ids, match):
+    with pytest.raises(ValueError, match=match):
+        tok.decode(ids)
+
+
+def test_tokenizer_arguments(tok):
+    assert tok.decode(onp.array([2, 3, 0])) == "ab<s>a" and tok.decode([]) == ""
+    with pytest.raises(ValueError, match=r"tokens: 'a' appears twice \(ids 0 and 2\)"):   # llama.cpp refuses it too
+        tl.Tokenizer(["a", "b", "a"], [])
+    with pytest.raises(ValueError, match=r"special: \['<t>'\] are not in the vocab"):
+        tl.Tokenizer(["a", "b"], [], special=["<t>"])
+    with pytest.raises(ValueError, match="merges: must be a list of strings"):
+        tl.Tokenizer(["a", "b"], "a b")
+    with pytest.raises(ValueError, match="text: must be a str"):
+        tok.encode(b"ab")
+    t = tl.Tokenizer([*tl.byte_chars().values(), "xy"], ["x y", "xy z"])   # "xyz" is no token: falls back to bytes
+    assert t.decode(t.encode("xyzxy")) == "xyzxy" and len(t.encode("xyz")) == 3
