@@ -1622,20 +1622,21 @@ def gguf_config(meta, tied=True, vocab=None):
     arch = meta.get("general.architecture")
     _check(arch == "llama", "path", f"{where}architecture {arch!r} (general.architecture) is not supported "
            "(only 'llama')")
-    n_layers = meta.get("llama.block_count")
-
     def key(k, kind=int, default=None):
         v = meta.get(f"llama.{k}", default)
         _check(v is not None, "path", f"{where}metadata key llama.{k} is missing (llama.cpp needs it too)")
         if isinstance(v, list) and k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
-            _check(len(v) == n_layers and len(set(v)) == 1, "path", f"{where}llama.{k} = {v[:6]}...: one value per "
-                   f"layer for {n_layers} layers, all equal, is what tinyloop supports")
+            _check(len(v) == L and len(set(v)) == 1, "path", f"{where}llama.{k} = {v[:6]}...: one value per "
+                   f"layer for {L} layers, all equal, is what tinyloop supports")
             v = v[0]
         ok = (isinstance(v, int) and v >= 1) if kind is int else (isinstance(v, (int, float)) and 0 < v < math.inf)
         _check(ok and not isinstance(v, bool), "path", f"{where}llama.{k} = {v!r} is not a positive "
                f"{'integer' if kind is int else 'number'}")
         return v
-    d, H = key("embedding_length"), key("attention.head_count")
+    L, ctx, d = key("block_count"), key("context_length"), key("embedding_length")
+    eps = float(key("attention.layer_norm_rms_epsilon", float))             # required by llama.cpp
+    H, f = key("attention.head_count"), key("feed_forward_length")          # default 0 there: no tensor fits
+    Hkv, theta = key("attention.head_count_kv", default=H), float(key("rope.freq_base", float, 10000.0))
     _check(d % H == 0, "path", f"{where}llama.embedding_length = {d} is not a multiple of attention.head_count = {H}")
     for k in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         n = key(k, default=d // H)
@@ -1652,14 +1653,11 @@ def gguf_config(meta, tied=True, vocab=None):
     _check(V is not None, "path", f"{where}the vocabulary size is unknown (no tokenizer.ggml.tokens, "
            "no llama.vocab_size)")
     try:
-        cfg = Config(vocab=V, d_model=d, n_heads=H, n_kv_heads=key("attention.head_count_kv", default=H),
-                     n_layers=key("block_count"), d_ff=key("feed_forward_length"), seq_len=key("context_length"),
-                     mlp="swiglu", norm="rms_gain", norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
-                     qk_norm=False, softcap=None, rope="pairs", rope_theta=float(key("rope.freq_base", float, 10000.0)),
-                     tie_embeddings=tied, embed_norm=False, dtype="float32")
-    except ValueError as e:
+        return Config(vocab=V, d_model=d, n_heads=H, n_kv_heads=Hkv, n_layers=L, d_ff=f, seq_len=ctx, mlp="swiglu",
+                      norm="rms_gain", norm_eps=eps, qk_norm=False, softcap=None, rope="pairs", rope_theta=theta,
+                      tie_embeddings=tied, embed_norm=False, dtype="float32")
+    except ValueError as e:                                     # e.g. head_count not a multiple of head_count_kv
         raise ValueError(f"path: {where}the metadata describe no valid model ({e})") from None
-    return cfg
 
 
 def load_gguf(path=None):

@@ -21,7 +21,7 @@ import autograd.numpy as anp
 import numpy as onp
 import pytest
 from autograd import elementwise_grad, grad
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import tinyloop as tl
@@ -480,3 +480,329 @@ def test_tokenizer_arguments(tok):
         tok.encode(b"ab")
     t = tl.Tokenizer([*tl.byte_chars().values(), "xy"], ["x y", "xy z"])   # "xyz" is no token: falls back to bytes
     assert t.decode(t.encode("xyzxy")) == "xyzxy" and len(t.encode("xyz")) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. GGUF files beyond the one wheel
+# ------------------------------------------------------------------------------------------------------------
+# Tensor names of a GGUF Llama -> (tinyloop name, transposed?): written here from llama.cpp's tensor names, not
+# read from tinyloop. ggml lists dims fastest first, so a stored matrix is [d_out, d_in]; tinyloop uses x @ W.
+LAYER_TENSORS = {"attn_norm": ("g_attn", False), "attn_q": ("attn.wq", True), "attn_k": ("attn.wk", True),
+                 "attn_v": ("attn.wv", True), "attn_output": ("attn.wo", True), "ffn_norm": ("g_mlp", False),
+                 "ffn_gate": ("mlp.w1", True), "ffn_up": ("mlp.w3", True), "ffn_down": ("mlp.w2", True)}
+REQUIRED = ("context_length", "embedding_length", "block_count", "attention.layer_norm_rms_epsilon",
+            "feed_forward_length", "attention.head_count")
+V = 40                                                           # vocab of the synthetic files
+
+
+def llama_tensors(d, H, Hkv, f, L, tied):
+    """{GGUF name: stored numpy shape} of a Llama."""
+    dkv = Hkv * (d // H)
+    shapes = {"token_embd.weight": (V, d), "output_norm.weight": (d,)}
+    if not tied:
+        shapes["output.weight"] = (V, d)
+    for i in range(L):
+        shapes.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.attn_q.weight": (d, d),
+                       f"blk.{i}.attn_k.weight": (dkv, d), f"blk.{i}.attn_v.weight": (dkv, d),
+                       f"blk.{i}.attn_output.weight": (d, d), f"blk.{i}.ffn_norm.weight": (d,),
+                       f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),
+                       f"blk.{i}.ffn_down.weight": (d, f)})
+    return shapes
+
+
+def tensor_data(kind, shape, rng):
+    """Data of one tensor of GGUF type `kind`: float arrays for F16/F32/F64; a quantisation by gguf.quants of
+    random weights where the library can quantise; else random blocks whose f16 scales are made finite (the high
+    byte of each 16-bit word loses its top exponent bit, so |scale| < 2) -> (array, raw_dtype or None)."""
+    import gguf
+    x = (rng.standard_normal(shape) * (1.0 if len(shape) == 1 else 0.5 / onp.sqrt(shape[-1]))).astype(onp.float32)
+    if len(shape) == 1:
+        x += 1.0                                                  # norm gains near 1
+    if kind in ("F32", "F16", "F64"):
+        return x.astype({"F32": onp.float32, "F16": onp.float16, "F64": onp.float64}[kind]), None
+    qt = gguf.GGMLQuantizationType[kind]
+    try:
+        return gguf.quants.quantize(x, qt), qt
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, tuple(shape[:-1]) + (shape[-1] // block * size,), dtype=onp.uint8)
+        raw[..., 1::2] &= 0xBF
+        return raw, qt
+
+
+def write_llama_gguf(path, d=32, H=2, Hkv=1, f=32, L=1, tied=True, types=None, omit=(), theta=10000.0, eps=1e-5,
+                     per_layer_heads=False, scaling=None, tokenizer=True, vocab_size=False, big_endian=False,
+                     extra_tensors=None, pad_norms=False, seed=0):
+    """A Llama GGUF written key by key with gguf.GGUFWriter; omit: llama.* keys (without "llama.") left out.
+    types: {GGUF tensor name: type}, default F32; pad_norms: 1-D tensors stored with ne = [d, 1] (ggml pads
+    shapes with 1s; llama.cpp accepts them). Returns {GGUF name: the data written}."""
+    import gguf
+    rng = onp.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
+    T = gguf.GGUFValueType
+    keys = {"block_count": (L, T.UINT32), "context_length": (64, T.UINT32), "embedding_length": (d, T.UINT32),
+            "feed_forward_length": (f, T.UINT32), "attention.head_count": ([H] * L if per_layer_heads else H, T.UINT32),
+            "attention.head_count_kv": ([Hkv] * L if per_layer_heads else Hkv, T.UINT32),
+            "rope.dimension_count": (d // H, T.UINT32), "rope.freq_base": (theta, T.FLOAT32),
+            "attention.layer_norm_rms_epsilon": (eps, T.FLOAT32)}
+    if vocab_size:
+        keys["vocab_size"] = (V, T.UINT32)
+    if scaling is not None:
+        keys["rope.scaling.type"] = (scaling[0], T.STRING)
+        if scaling[1] is not None:
+            keys["rope.scaling.factor"] = (scaling[1], T.FLOAT32)
+    for k, (v, t) in keys.items():
+        if k not in omit:
+            if isinstance(v, list):
+                w.add_key_value(f"llama.{k}", v, T.ARRAY, sub_type=t)
+            else:
+                w.add_key_value(f"llama.{k}", v, t)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list([f"t{i}" for i in range(V)])
+        w.add_token_types([1] * V)
+        w.add_token_merges(["t 0"])
+    written = {}
+    for name, shape in {**llama_tensors(d, H, Hkv, f, L, tied), **(extra_tensors or {})}.items():
+        data, qt = tensor_data((types or {}).get(name, "F32"), shape, rng)
+        w.add_tensor(name, data[None] if pad_norms and len(shape) == 1 else data, raw_dtype=qt)
+        written[name] = data
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def dequantized_by_gguf(path):
+    """{tinyloop name: float32 array} from the file, dequantised by gguf.quants, in tinyloop's layout."""
+    import gguf
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        shape = tuple(reversed([int(n) for n in t.shape]))
+        x = (t.data.astype(onp.float32) if t.tensor_type.name == "F64"
+             else gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+        if t.name.startswith("blk."):
+            _, i, kind, _ = t.name.split(".")
+            name, transpose = LAYER_TENSORS[kind]
+            out[f"layers.{i}.{name}"] = x.T if transpose else x
+        else:
+            out[{"token_embd.weight": "embed", "output.weight": "head", "output_norm.weight": "g_final"}[t.name]] = \
+                x.T if t.name == "output.weight" else x
+    return out
+
+
+def fitting_types(n):
+    """The loadable types whose block divides a row of n weights (K-quants need 256)."""
+    import gguf
+    return [k for k in tl.gguf_tensor_types() if n % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[k]][0] == 0]
+
+
+def test_every_type_gguf_can_dequantize_is_supported():
+    gguf = pytest.importorskip("gguf")
+    kinds = tl.gguf_tensor_types()
+    assert {"F32", "F16", "F64", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+            "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4"} <= set(kinds)
+    assert not {"I8", "I16", "I32", "I64", "Q8_1", "Q8_K"} & set(kinds)
+    rng = onp.random.default_rng(0)
+    for k in kinds:                                              # dequantize() = gguf.quants.dequantize, bit for bit
+        data, qt = tensor_data(k, (3, 256), rng)
+        want = data.astype(onp.float32) if qt is None else gguf.quants.dequantize(data, qt)
+        onp.testing.assert_array_equal(tl.dequantize(data, k), want.reshape(-1), err_msg=k)
+
+
+@st.composite
+def llama_files(draw):
+    d, f = draw(st.sampled_from([32, 256])), draw(st.sampled_from([32, 256]))
+    H = draw(st.sampled_from([1, 2, 4]))
+    omit = set(draw(st.sets(st.sampled_from(["attention.head_count_kv", "rope.freq_base", "rope.dimension_count"]))))
+    if draw(st.integers(0, 5)) == 0:
+        omit.add(draw(st.sampled_from(REQUIRED)))
+    Hkv = H if "attention.head_count_kv" in omit else draw(st.sampled_from([h for h in (1, 2, 4) if H % h == 0]))
+    L, tied = draw(st.sampled_from([1, 2])), draw(st.booleans())
+    shapes = llama_tensors(d, H, Hkv, f, L, tied)
+    types = {name: draw(st.sampled_from(fitting_types(shape[-1]))) for name, shape in shapes.items()}
+    return dict(d=d, H=H, Hkv=Hkv, f=f, L=L, tied=tied, types=types, omit=omit,
+                theta=draw(st.sampled_from([10000.0, 100000.0])), per_layer_heads=draw(st.booleans()),
+                scaling=draw(st.sampled_from([None, ("none", None), ("linear", None), ("linear", 1.0), ("linear", 4.0),
+                                              ("yarn", 2.0)])),
+                tokenizer=draw(st.booleans()), vocab_size=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(spec=llama_files())
+def test_random_gguf_files_load_exactly_or_are_refused_by_name(spec, tmp_path_factory):
+    """Each file loads into exactly gguf.quants.dequantize's values with the Config llama.cpp would read (its
+    defaults for omitted optional keys), or is refused with a ValueError naming the path and the key or tensor."""
+    pytest.importorskip("gguf")
+    path = str(tmp_path_factory.mktemp("g") / "m.gguf")
+    write_llama_gguf(path, **spec)
+    missing = [k for k in REQUIRED if k in spec["omit"]]
+    scaled = spec["scaling"] is not None and (spec["scaling"][0] not in ("none", "linear")
+                                               or spec["scaling"][1] not in (None, 1.0))
+    want = dequantized_by_gguf(path)
+    bad = sorted(k for k, v in want.items() if not onp.all(onp.isfinite(v)))
+    expect = (f"metadata key llama.{missing[0]} is missing" if missing else "RoPE scaling" if scaled
+              else r"non-finite values in \[" if bad else None)
+    event(f"refused: {expect}" if expect else "loaded")
+    event(f"block types: {'K/IQ' if any(k[-2:] == '_K' or k.startswith('IQ') for k in spec['types'].values()) else 'no K/IQ'}")
+    if expect:
+        with pytest.raises(ValueError, match=expect) as e:
+            tl.load_gguf(path)
+        assert path in str(e.value) and str(e.value).startswith("path: ")
+        return
+    params, cfg, meta = tl.load_gguf(path)
+    d, H = spec["d"], spec["H"]
+    assert (cfg.vocab, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.ff, cfg.seq_len, cfg.tie_embeddings) \
+        == (V, d, H, spec["Hkv"], spec["L"], spec["f"], 64, spec["tied"])
+    assert cfg.rope_theta == (10000.0 if "rope.freq_base" in spec["omit"] else spec["theta"])
+    assert cfg.norm_eps == float(onp.float32(1e-5))
+    got = dict(tl._named_leaves(params))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == onp.float32
+        onp.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} ({spec['types']})")
+    if spec["tokenizer"]:
+        assert tl.Tokenizer.from_gguf(meta).decode([3, 12]) == "t3t12"
+    else:
+        with pytest.raises(ValueError, match="tokenizer metadata key tokenizer.ggml.model is missing in"):
+            tl.Tokenizer.from_gguf(meta)
+
+
+def forward_matches_llama(path, theta=None):
+    """tinyloop's forward on the loaded file = the independent float64 Llama of test_real_checkpoint on gguf's
+    dequantisation of the same file."""
+    from test_real_checkpoint import gguf_weights, llama_reference
+    params, cfg, _ = tl.load_gguf(path)
+    ids = onp.random.default_rng(1).integers(0, cfg.vocab, 12)
+    with onp.errstate(over="ignore"):                            # its x / (1 + exp(-x)) at gates < -709
+        ref = llama_reference(gguf_weights(path), ids, cfg.n_heads, cfg.kv_heads, theta or cfg.rope_theta, cfg.norm_eps)
+    got = tl.forward(params, ids[None], cfg, "standard")[0][0]
+    onp.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * onp.abs(ref).max())
+    return cfg
+
+
+def test_q4_k_m_style_file_loads_and_runs(tmp_path):
+    """The issue: a Llama GGUF with Q4_K / Q6_K tensors (the Q4_K_M files most people download) failed with
+    "kind: unsupported tensor type 'Q6_K'". Here: Q4_K / Q6_K / Q5_K matrices, Q8_0 embedding, IQ4_NL, BF16."""
+    pytest.importorskip("gguf")
+    types = {"token_embd.weight": "Q6_K", "output.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_K",
+             "blk.0.attn_k.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.attn_output.weight": "Q5_K",
+             "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "IQ4_NL", "blk.0.ffn_down.weight": "Q6_K",
+             "blk.1.ffn_down.weight": "BF16", "blk.1.attn_v.weight": "Q3_K", "blk.0.attn_norm.weight": "F16"}
+    path = str(tmp_path / "q4km.gguf")
+    write_llama_gguf(path, d=256, H=4, Hkv=2, f=256, L=2, tied=False, types=types)
+    cfg = forward_matches_llama(path)
+    assert (cfg.d_model, cfg.kv_heads, cfg.tie_embeddings) == (256, 2, False)
+
+
+def test_optional_keys_take_llama_cpp_defaults(tmp_path):
+    """Files without rope.freq_base / attention.head_count_kv / rope.dimension_count were refused; llama.cpp reads
+    them with rope.freq_base 10000, head_count_kv = head_count, rope.dimension_count = the head width."""
+    pytest.importorskip("gguf")
+    path = str(tmp_path / "defaults.gguf")
+    write_llama_gguf(path, H=2, Hkv=2, theta=500.0, omit=("rope.freq_base", "attention.head_count_kv",
+                                                            "rope.dimension_count"))
+    cfg = forward_matches_llama(path, theta=10000.0)
+    assert (cfg.rope_theta, cfg.kv_heads, cfg.head_dim) == (10000.0, 2, 16)
+    path = str(tmp_path / "per_layer.gguf")                     # head counts as per-layer arrays, all equal
+    write_llama_gguf(path, H=2, Hkv=1, L=2, per_layer_heads=True, scaling=("linear", 1.0))
+    assert forward_matches_llama(path).kv_heads == 1
+
+
+def test_a_gguf_without_tokenizer_loads_and_refuses_a_tokenizer_by_key(tmp_path):
+    """A GGUF without tokenizer metadata ended in a raw KeyError 'tokenizer.ggml.tokens'."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("regex")
+    path = str(tmp_path / "notok.gguf")
+    write_llama_gguf(path, tokenizer=False)
+    params, cfg, meta = tl.load_gguf(path)
+    assert cfg.vocab == V                                        # from the embedding's rows
+    with pytest.raises(ValueError, match=r"meta: tokenizer metadata key tokenizer.ggml.model is missing in '.*notok"):
+        tl.Tokenizer.from_gguf(meta)
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1]}
+    for change, match in [({"tokenizer.ggml.tokens": None}, "key tokenizer.ggml.tokens is missing"),
+                          ({"tokenizer.ggml.merges": None}, "key tokenizer.ggml.merges is missing"),
+                          ({"tokenizer.ggml.pre": None}, "tokenizer.ggml.pre = None .* 'default' pre-tokenizer"),
+                          ({"tokenizer.ggml.pre": "llama-bpe"}, "tokenizer.ggml.pre = 'llama-bpe'"),
+                          ({"tokenizer.ggml.model": "llama"}, "tokenizer.ggml.model = 'llama'"),
+                          ({"tokenizer.ggml.token_type": [1]}, "token_type has 1 entries for 3 tokens"),
+                          ({"tokenizer.ggml.tokens": "ab"}, "tokenizer.ggml.tokens is a str, not a list"),
+                          ({"tokenizer.ggml.add_bos_token": True}, "add_bos_token is true")]:
+        meta = {k: v for k, v in {**base, **change}.items() if v is not None}
+        with pytest.raises(ValueError, match=match):
+            tl.Tokenizer.from_gguf(meta)
+    no_types = {k: v for k, v in base.items() if k != "tokenizer.ggml.token_type"}   # optional, as in llama.cpp
+    assert tl.Tokenizer.from_gguf(no_types).encode("ab") == [2]
+    assert tl.Tokenizer.from_gguf({**base, "tokenizer.ggml.pre": "gpt-2"}).encode("ab") == [2]   # llama.cpp's name
+
+
+def test_unsupported_types_and_other_faults_name_path_and_tensor(tmp_path):
+    """An unsupported tensor type said only "kind: unsupported tensor type 'Q6_K'": no path, tensor or list."""
+    pytest.importorskip("gguf")
+    path = str(tmp_path / "int.gguf")
+    write_llama_gguf(path, types={"blk.0.ffn_up.weight": "F32"}, extra_tensors={})
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "i32.gguf"), "llama")           # the same Llama with one I32 tensor
+    r = gguf.GGUFReader(path)
+    for k, fld in r.fields.items():
+        if k.startswith("llama.") or k.startswith("tokenizer."):
+            vt = fld.types[0]
+            w.add_key_value(k, fld.contents(), vt, sub_type=fld.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        data = onp.array(t.data)
+        w.add_tensor(t.name, data.astype(onp.int32) if t.name == "blk.0.ffn_up.weight" else data)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(ValueError, match=r"path: '.*i32.gguf': tensor 'blk.0.ffn_up.weight' has type I32, which "
+                                         r"tinyloop cannot dequantize; supported: F32, F16, F64, Q8_0, Q4_1, Q4_0"):
+        tl.load_gguf(str(tmp_path / "i32.gguf"))
+    cases = [(dict(big_endian=True), "is a big-endian GGUF file"),
+             (dict(scaling=("yarn", 4.0)), r"RoPE scaling 'yarn' with factor 4.0 \(llama.rope.scaling.type"),
+             (dict(extra_tensors={"rope_freqs.weight": (8,)}), "unexpected tensor 'rope_freqs.weight'"),
+             (dict(extra_tensors={"blk.0.attn_q.bias": (32,)}), "unexpected tensor 'blk.0.attn_q.bias'"),
+             (dict(H=2, Hkv=2, omit=("attention.head_count_kv",)), None),
+             (dict(pad_norms=True, types={"output_norm.weight": "Q8_0"}), None),
+             (dict(H=2, Hkv=1, omit=("attention.head_count_kv",)), r"'blk.0.attn_k.weight' gives layers.0.attn.wk"),
+             (dict(omit=("embedding_length",)), "metadata key llama.embedding_length is missing")]
+    for i, (kw, match) in enumerate(cases):
+        p = str(tmp_path / f"c{i}.gguf")
+        write_llama_gguf(p, **kw)
+        if match is None:
+            tl.load_gguf(p)
+            continue
+        with pytest.raises(ValueError, match=match) as e:
+            tl.load_gguf(p)
+        assert str(e.value).startswith(f"path: {p!r}"), kw
+
+
+def test_mistyped_metadata_is_refused_by_key(tmp_path):
+    pytest.importorskip("gguf")
+    import gguf
+    T = gguf.GGUFValueType
+    for key, value, vtype, match in [("llama.embedding_length", "32", T.STRING, "llama.embedding_length = '32' is not"),
+                                     ("llama.attention.head_count", 0, T.UINT32, "head_count = 0 is not a positive"),
+                                     ("llama.attention.head_count", 3, T.UINT32, "not a multiple of attention.head_count"),
+                                     ("llama.rope.freq_base", -1.0, T.FLOAT32, "freq_base = -1.0 is not a positive"),
+                                     ("llama.block_count", True, T.BOOL, "block_count = True is not a positive integer"),
+                                     ("llama.rope.dimension_count", 8, T.UINT32, "only heads of width"),
+                                     ("llama.expert_count", 8, T.UINT32, "mixture-of-experts"),
+                                     ("general.architecture", "qwen2", T.STRING, "architecture 'qwen2'")]:
+        p = tmp_path / "k.gguf"
+        write_llama_gguf(p, omit=(key[6:],) if key.startswith("llama.") else ())
+        r = gguf.GGUFReader(str(p))
+        w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), value if key == "general.architecture" else "llama")
+        for k, fld in r.fields.items():
+            if not k.startswith("GGUF.") and k != "general.architecture":
+                vt = fld.types[0]
+                w.add_key_value(k, fld.contents(), vt, sub_type=fld.types[-1] if vt == T.ARRAY else None)
+        if key != "general.architecture":
+            w.add_key_value(key, value, vtype)
+        for t in r.tensors:
+            w.add_tensor(t.name, onp.array(t.data))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        with pytest.raises(ValueError, match=match) as e:
+            tl.load_gguf(str(tmp_path / "m.gguf"))
+        assert "m.gguf" in str(e.value), key
