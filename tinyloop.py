@@ -126,9 +126,12 @@ def _rowsum(x):
 
 
 def rms_norm(x, gain=None, eps=1e-6):
-    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]
+    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain [d].  [..., d]
     Finite and accurate for every finite x: a zero row gives 0, a row beyond ~1e19 (float32), where x^2
-    overflows, is rescaled by its largest entry first."""
+    overflows, is rescaled by its largest entry first. eps must be > 0 (a zero row would give 0/0)."""
+    if not eps > 0 or (gain is not None and onp.shape(gain) != onp.shape(x)[-1:]):     # (hot path: no f-string)
+        _check(eps > 0, "eps", f"must be positive, got {eps!r}")
+        _check(False, "gain", f"must have shape {onp.shape(x)[-1:]} (the last axis of x), got {onp.shape(gain)}")
     y = _rms(x, eps)
     return y if gain is None else y * gain
 
@@ -798,7 +801,8 @@ def exact_match(logits, batch):
     z = onp.asarray(getval(logits))
     _check(z.ndim == 3 and z.shape[:2] == targets.shape, "logits",
            f"shape {z.shape} does not fit the batch's targets {targets.shape}: need {targets.shape + ('vocab',)}")
-    wrong = (onp.argmax(z, axis=-1) != targets) & (mask > 0)
+    # a position with a non-finite logit is wrong (argmax would pick the first NaN: class 0 "right" by chance)
+    wrong = ((onp.argmax(z, axis=-1) != targets) | ~onp.isfinite(z).all(axis=-1)) & (mask > 0)
     return ~onp.any(wrong, axis=1)
 
 
@@ -1562,6 +1566,7 @@ def dequantize(raw, kind):
     in storage order. kind: a GGUF tensor type name, "F32" | "F16" | "F64" | "Q8_0" | "Q4_1" (written out
     here) or any other of gguf_tensor_types() (through gguf.quants). Raises ValueError naming `kind` for an
     unsupported type and `raw` for a size that is not a whole number of blocks."""
+    kind = kind.name if type(kind).__name__ == "GGMLQuantizationType" else kind      # gguf's enum: its name
     _check(isinstance(kind, str), "kind", f"must be a GGUF tensor type name such as 'Q8_0', got {kind!r}")
     raw = onp.ascontiguousarray(raw).reshape(-1).view(onp.uint8)
     if kind in _FLOAT_TYPES:
@@ -1782,6 +1787,8 @@ class Tokenizer:
         (byte-level BPE) with pre-tokenizer "smollm" (digits split first) or "gpt-2". As in llama.cpp, tokens
         and merges are required, token_type is optional (no special tokens without it). Raises ValueError
         naming the missing or unsupported key (a GGUF without tokenizer metadata included)."""
+        _check(isinstance(meta, dict), "meta", f"must be the metadata dict of load_gguf (params, cfg, meta = "
+               f"load_gguf(...)), got {type(meta).__name__}")
         where = f" in {meta['path']!r}" if "path" in meta else ""
 
         def key(k, kind=list):
@@ -1848,7 +1855,13 @@ class Tokenizer:
                 ids.append(chunk)
                 continue
             for piece in self.pieces(chunk):
-                word = "".join(self.to_char[b] for b in piece.encode("utf-8"))
+                try:
+                    data = piece.encode("utf-8")
+                except UnicodeEncodeError:                        # a lone surrogate ("\ud800"): no UTF-8 bytes
+                    _check(errors == "ignore", "text", f"{piece!r} holds a lone surrogate, which is not text "
+                           "(no UTF-8 encoding); errors='ignore' drops it")
+                    data = piece.encode("utf-8", errors="ignore")
+                word = "".join(self.to_char[b] for b in data)
                 if any(c not in self.ids for c in word):
                     _check(errors == "ignore", "text", f"{piece!r} has bytes with no token in this vocab "
                            f"({sorted({hex(self.to_byte[c]) for c in word if c not in self.ids})}); "

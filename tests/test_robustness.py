@@ -806,3 +806,28 @@ def test_mistyped_metadata_is_refused_by_key(tmp_path):
         with pytest.raises(ValueError, match=match) as e:
             tl.load_gguf(str(tmp_path / "m.gguf"))
         assert "m.gguf" in str(e.value), key
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. More kinds of the same bugs, found by trying inputs as a new user would
+# ------------------------------------------------------------------------------------------------------------
+def test_more_kinds():
+    b = {"targets": onp.zeros((2, 3), int), "mask": onp.ones((2, 3))}
+    z = onp.eye(18)[b["targets"]]
+    z[0, 1, :] = onp.nan                                         # a diverged model: argmax of a NaN row is 0,
+    assert list(tl.exact_match(z, b)) == [False, True]           # which was counted right for a target 0
+    x = onp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"gain: must have shape \(3,\)"):
+        tl.rms_norm(x, onp.ones(1))                               # broadcast silently before
+    with pytest.raises(ValueError, match="eps: must be positive"):
+        tl.rms_norm(onp.zeros((1, 3)), eps=0)                      # 0 / 0 before
+    with pytest.raises(ValueError, match="meta: must be the metadata dict of load_gguf"):
+        tl.Tokenizer.from_gguf((None, None, {}))                  # the whole tuple of load_gguf
+    gguf = pytest.importorskip("gguf")
+    raw = gguf.quants.quantize(onp.linspace(-1, 1, 64, dtype=onp.float32), gguf.GGMLQuantizationType.Q4_1)
+    onp.testing.assert_array_equal(tl.dequantize(raw, gguf.GGMLQuantizationType.Q4_1), tl.dequantize(raw, "Q4_1"))
+    pytest.importorskip("regex")
+    tok = tl.Tokenizer([*tl.byte_chars().values()], [])
+    with pytest.raises(ValueError, match="text: '\\\\ud800' holds a lone surrogate"):
+        tok.encode("a\ud800b")                                    # UnicodeEncodeError from deep inside before
+    assert tok.decode(tok.encode("a\ud800b", errors="ignore")) == "ab"
