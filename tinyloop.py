@@ -538,8 +538,8 @@ def _check_tokens(tokens, cfg):
     """tokens as a [B, T] integer array with B, T >= 1, T <= seq_len and ids in [0, vocab); else a ValueError
     naming `tokens` (text, floats, bools, ragged lists and one unbatched sequence included)."""
     tokens = _as_array(tokens, "tokens")
-    _check(tokens.dtype.kind not in "USO", "tokens", f"must be integer token ids, got {tokens.dtype} values "
-           "(text must be encoded first, e.g. with Tokenizer.encode)")
+    _check(tokens.dtype.kind not in "USO", "tokens", f"must be integer token ids, got {tokens.dtype} values"
+           + (" (text must be encoded first, e.g. with Tokenizer.encode)" if tokens.dtype.kind in "US" else ""))
     _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}"
            + ("; for one sequence x pass [x]" if tokens.ndim == 1 else ""))
     _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", f"must be integer token ids, got dtype {tokens.dtype}")
