@@ -527,7 +527,8 @@ def _leaves(tree):
 
 def _as_array(x, name):
     """onp.asarray(x), refusing text and ragged nested lists with a ValueError naming the argument."""
-    _check(not isinstance(x, (str, bytes)), name, f"must be an array, got a {type(x).__name__} {x[:20]!r}")
+    if isinstance(x, (str, bytes)):
+        raise ValueError(f"{name}: must be an array, got a {type(x).__name__} {x[:20]!r}")
     try:
         return onp.asarray(x)
     except (ValueError, TypeError) as e:
@@ -546,8 +547,8 @@ def _check_tokens(tokens, cfg):
     _check(tokens.shape[0] >= 1 and tokens.shape[1] >= 1, "tokens",
            f"needs at least one position, got shape {tokens.shape}")
     _check(tokens.shape[1] <= cfg.seq_len, "tokens", f"{tokens.shape[1]} positions > seq_len={cfg.seq_len}")
-    _check(tokens.min() >= 0 and tokens.max() < cfg.vocab, "tokens",
-           f"ids must be in [0, vocab={cfg.vocab}), got {tokens.min()} .. {tokens.max()}")
+    lo, hi = tokens.min(), tokens.max()
+    _check(lo >= 0 and hi < cfg.vocab, "tokens", f"ids must be in [0, vocab={cfg.vocab}), got {lo} .. {hi}")
     return tokens
 
 
@@ -574,9 +575,10 @@ def _check_shapes(tree, shapes, prefix, cfg):
     tree = getval(tree)
     have = {k: onp.shape(getval(v)) for k, v in _named_leaves(tree)} if isinstance(tree, dict) else {}
     need = {k: tuple(s) for k, s in _named_leaves(shapes)}
-    for k in sorted(set(have) | set(need)):
-        _check(have.get(k) == need.get(k), "params", f"{prefix}{k} has shape {have.get(k, '(missing)')}, but the "
-               f"Config needs {need.get(k, 'no such parameter')}: params and cfg do not belong together ({cfg})")
+    if have != need:                                                     # (formatted only when they differ)
+        k = next(k for k in sorted(set(have) | set(need)) if have.get(k) != need.get(k))
+        raise ValueError(f"params: {prefix}{k} has shape {have.get(k, '(missing)')}, but the Config needs "
+                         f"{need.get(k, 'no such parameter')}: params and cfg do not belong together ({cfg})")
 
 
 def final_norm(params, x, cfg):
