@@ -341,17 +341,6 @@ def test_forward_refuses_bad_arguments(call, match):
         call()
 
 
-def test_forward_params_check_is_cheap_on_the_real_model_size():
-    """The params check walks every leaf: on a 30-layer tree it must stay far below a forward pass."""
-    import time
-    cfg = tl.Config(vocab=64, d_model=8, n_heads=2, n_layers=30, seq_len=8, mlp="swiglu", norm="rms_gain")
-    params = tl.init_params(cfg, 0)
-    t = time.perf_counter()
-    for _ in range(10):
-        tl._check_params(params, cfg)
-    assert (time.perf_counter() - t) / 10 < 0.01
-
-
 def test_make_batch_reads_one_task_name_as_a_one_task_mixture():
     """make_batch('copy', ...) said "unknown task 'c'" (the str was iterated). One name means [name]; an int rng
     means default_rng(int), like init_params."""
