@@ -229,7 +229,7 @@ def profile_decode(tl, params, cfg, prompt, log):
     prof = cProfile.Profile()
     prof.runcall(steps)
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
     log("cProfile, 8 decode steps at ~1536 tokens of context:\n" + s.getvalue())
 
 
