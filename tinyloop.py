@@ -265,7 +265,7 @@ def _causal_bias(t, dtype):
 
 
 def _attention_blocks(q, k, bounded):
-    """For each block of queries: (t0, t1, qc, e, r) with
+    """For each block of queries, last block first: (t0, t1, qc, e, r) with
         qc = q / sqrt(dh) of queries t0..t1-1              [B, Hkv, G*t, dh]   rows ordered (group member, query)
         e  = exp(qc k^T + causal bias - row max)           [B, Hkv, G*t, S_b]  the S_b = S - T + t1 visible keys
         r  = rowsum(e)                                     [B, Hkv, G*t, 1]    so softmax = e / r
@@ -276,8 +276,8 @@ def _attention_blocks(q, k, bounded):
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     q5 = onp.reshape(q, (B, Hkv, G, T, dh))                         # [B,Hkv,G,T,dh] a view: h = kv head * G + g
-    for t0 in range(0, T, QUERY_BLOCK):
-        t1 = min(T, t0 + QUERY_BLOCK)
+    for t1 in range(T, 0, -QUERY_BLOCK):                            # the LAST block first: it sees every key
+        t0 = max(0, t1 - QUERY_BLOCK)
         t, Sb = t1 - t0, S - T + t1
         qc = (q5[:, :, :, t0:t1] * (1.0 / math.sqrt(dh))).reshape(B, Hkv, G * t, dh)
         s = qc @ onp.swapaxes(k[:, :, :Sb], -1, -2)                # [B,Hkv,G*t,Sb] (k^T read in place, no copy)
@@ -297,10 +297,9 @@ def causal_attention(q, k, v, bounded=False):
     B, H, T, dh = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    y = onp.empty((B, Hkv, G, T, dh), dtype=onp.result_type(q, v))
-    for t0, t1, qc, e, r in _attention_blocks(q, k, bounded):
-        yb = (e @ v[:, :, :e.shape[-1]]) / r                           # [B,Hkv,G*t,dh]  = softmax v
-        y[:, :, :, t0:t1] = yb.reshape(B, Hkv, G, t1 - t0, dh)
+    ys = [((e @ v[:, :, :e.shape[-1]]) / r).reshape(B, Hkv, G, t1 - t0, dh)     # softmax v, [B,Hkv,G,t,dh]
+          for t0, t1, qc, e, r in _attention_blocks(q, k, bounded)]
+    y = ys[0] if len(ys) == 1 else onp.concatenate(ys[::-1], axis=3)           # [B,Hkv,G,T,dh]
     return y.reshape(B, H, T, dh)
 
 
@@ -317,16 +316,23 @@ def _causal_attention_vjp(argnums, y, args, kwargs):
 
     def vjp(g):
         g5 = onp.reshape(g, (B, Hkv, G, T, dh))
-        dq, dk, dv = onp.empty((B, Hkv, G, T, dh), q.dtype), onp.zeros_like(k), onp.zeros_like(v)
-        for t0, t1, qc, e, r in _attention_blocks(q, k, bounded):
+        dq, dk, dv = [], None, None
+        for t0, t1, qc, e, r in _attention_blocks(q, k, bounded):       # last block first: it sees every key
             Sb = e.shape[-1]
-            P = e / r                                                              # [B,Hkv,G*t,Sb]
+            P = e
+            P /= r                                                                 # [B,Hkv,G*t,Sb]
             gb = g5[:, :, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), dh)
-            dv[:, :, :Sb] += onp.swapaxes(P, -1, -2) @ gb
-            dP = gb @ onp.swapaxes(v[:, :, :Sb], -1, -2)
-            dS = P * (dP - _rowsum(dP * P))
-            dq[:, :, :, t0:t1] = ((dS @ k[:, :, :Sb]) * (1.0 / math.sqrt(dh))).reshape(B, Hkv, G, t1 - t0, dh)
-            dk[:, :, :Sb] += onp.swapaxes(dS, -1, -2) @ qc
+            dS = gb @ onp.swapaxes(v[:, :, :Sb], -1, -2)                          # dP, then in place:
+            dS -= _rowsum(dS * P)
+            dS *= P                                                                # dS = P * (dP - rowsum(dP * P))
+            dq.append(((dS @ k[:, :, :Sb]) * (1.0 / math.sqrt(dh))).reshape(B, Hkv, G, t1 - t0, dh))
+            dk_b, dv_b = onp.swapaxes(dS, -1, -2) @ qc, onp.swapaxes(P, -1, -2) @ gb   # [B,Hkv,Sb,dh]
+            if dk is None:
+                dk, dv = dk_b, dv_b                                                # Sb = S: every key
+            else:
+                dk[:, :, :Sb] += dk_b
+                dv[:, :, :Sb] += dv_b
+        dq = dq[0] if len(dq) == 1 else onp.concatenate(dq[::-1], axis=3)         # [B,Hkv,G,T,dh]
         grads = {0: dq.reshape(B, H, T, dh), 1: dk, 2: dv}
         return tuple(grads[i] for i in argnums)
     return vjp
