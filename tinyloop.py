@@ -307,7 +307,18 @@ def attention(p, q_in, x_in, cfg, pos0=0, past=None):
     q_in, x_in: [B, T, d], already normed by the caller. pos0: position of the first of the T tokens.
     past: None or cached (k, v), each [B, Hkv, P, dh] with P = pos0 previous positions.
     Returns (out [B, T, d], (k, v) of these T positions, each [B, Hkv, T, dh]).
+    Two steps, usable apart (a KV cache writes k, v between them): attention_qkv computes q, k, v of the T new
+    positions; attend attends them over the keys and values of all S = P + T positions.
     """
+    q, k, v = attention_qkv(p, q_in, x_in, cfg, pos0)
+    k_all, v_all = (k, v) if past is None else (np.concatenate([past[0], k], axis=2),
+                                                np.concatenate([past[1], v], axis=2))     # [B,Hkv,S,dh]
+    return attend(p, q, k_all, v_all, cfg), (k, v)
+
+
+def attention_qkv(p, q_in, x_in, cfg, pos0=0):
+    """Queries, keys and values of T new positions pos0 .. pos0+T-1, RoPE and QK-norm applied.
+    q_in, x_in [B, T, d] -> q [B, H, T, dh], k [B, Hkv, T, dh], v [B, Hkv, T, dh]."""
     B, T, _ = x_in.shape
     H, Hkv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
     q = np.transpose(np.reshape(np.matmul(q_in, p["wq"]), (B, T, H, dh)), (0, 2, 1, 3))      # [B,H,T,dh]
@@ -318,52 +329,110 @@ def attention(p, q_in, x_in, cfg, pos0=0, past=None):
         q, k = apply_rope(q, *tables), apply_rope(k, *tables)
     if cfg.qk_norm:
         q, k = _rms(q, cfg.norm_eps), _rms(k, cfg.norm_eps)
-    k_all, v_all = (k, v) if past is None else (np.concatenate([past[0], k], axis=2),
-                                                np.concatenate([past[1], v], axis=2))     # [B,Hkv,S,dh]
-    if H != Hkv:                                       # grouped-query: query head h reads kv head h // (H/Hkv)
-        k_all, v_all = np.repeat(k_all, H // Hkv, axis=1), np.repeat(v_all, H // Hkv, axis=1)
-    y = causal_attention(q, k_all, v_all, bounded=cfg.qk_norm)                            # [B,H,T,dh]
+    return q, k, v
+
+
+def attend(p, q, k, v, cfg):
+    """The T queries q [B, H, T, dh] (the LAST T of S positions) attend causally over k, v [B, Hkv, S, dh];
+    the heads are concatenated and projected by Wo: -> [B, T, d]. k and v may be views (e.g. of a cache)."""
+    B, H, T, dh = q.shape
+    y = causal_attention(q, k, v, bounded=cfg.qk_norm)                                    # [B,H,T,dh]
     y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (B, T, H * dh))                         # [B,T,H*dh]
-    return np.matmul(y, p["wo"]), (k, v)
+    return np.matmul(y, p["wo"])
 
 
-def _causal_bias(T, S, dtype):
-    """[T, S] additive mask: 0 where key j <= query i (the T queries are the LAST T of S positions), else -inf."""
-    return onp.where(onp.arange(S)[None, :] <= onp.arange(S - T, S)[:, None], 0.0, -onp.inf).astype(dtype)
+# Causal attention as one primitive, computed over blocks of QUERY_BLOCK queries: block [t0, t1) only needs the
+# keys up to its last query, so the masked upper triangle of q k^T is never computed (past the diagonal blocks),
+# and no temporary is larger than [B, H, QUERY_BLOCK, S]. Grouped-query attention (GQA): query head h reads
+# key/value head h // G. The G query heads of a kv head are stacked along the query axis, so each kv head is one
+# matmul over G * t query rows; k and v are never repeated or copied.
+QUERY_BLOCK = 64                  # measured: 64 to 128 fastest at T = 512 and 1536 (SmolLM2 shapes, 2 cores)
+_TRIANGLES = {}
 
 
-def _attention_probs(q, k, bounded):
-    """P = softmax(q k^T / sqrt(dh) + causal bias) over keys.  q [B,H,T,dh], k [B,H,S,dh] -> [B,H,T,S].
-    bounded=True promises |score| <= sqrt(dh) (true with QK-norm: q and k have unit RMS), so exp cannot
-    overflow and the usual max-subtraction (a slow reduction here) is skipped."""
-    s = q @ onp.ascontiguousarray(onp.swapaxes(k, -1, -2))
-    s *= 1.0 / math.sqrt(q.shape[-1])
-    s += _causal_bias(q.shape[-2], k.shape[-2], s.dtype)
-    if not bounded:
-        s -= s.max(axis=-1, keepdims=True)
-    e = onp.exp(s, out=s)
-    e /= _rowsum(e)
-    return e
+def _causal_bias(t, dtype):
+    """[t, t] additive mask of t queries over their own t keys: 0 where key j <= query i, else -inf. A read-only
+    slice of one triangle per dtype, made once (and again only when a larger one is needed): every leading
+    square of the triangle is the triangle of that size."""
+    tri = _TRIANGLES.get(onp.dtype(dtype))
+    if tri is None or tri.shape[0] < t:
+        tri = onp.triu(onp.full((t, t), -onp.inf, dtype=dtype), 1)
+        tri.flags.writeable = False
+        _TRIANGLES[onp.dtype(dtype)] = tri
+    return tri[:t, :t]
+
+
+def _attention_blocks(q, k, bounded):
+    """For each block of queries, last block first: (t0, t1, qc, e, r) with
+        qc = q / sqrt(dh) of queries t0..t1-1              [B, Hkv, G*t, dh]   rows ordered (group member, query)
+        e  = exp(qc k^T + causal bias - row max)           [B, Hkv, G*t, S_b]  the S_b = S - T + t1 visible keys
+        r  = rowsum(e)                                     [B, Hkv, G*t, 1]    so softmax = e / r
+    q [B, H, T, dh] (the LAST T of S positions), k [B, Hkv, S, dh]. bounded=True promises |score| <= sqrt(dh)
+    (true with QK-norm: q and k have unit RMS), so exp cannot overflow and the row max (a slow reduction) is
+    skipped."""
+    B, H, T, dh = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    q5 = onp.reshape(q, (B, Hkv, G, T, dh))                         # [B,Hkv,G,T,dh] a view: h = kv head * G + g
+    for t1 in range(T, 0, -QUERY_BLOCK):                            # the LAST block first: it sees every key
+        t0 = max(0, t1 - QUERY_BLOCK)
+        t, Sb = t1 - t0, S - T + t1
+        qc = (q5[:, :, :, t0:t1] * (1.0 / math.sqrt(dh))).reshape(B, Hkv, G * t, dh)
+        s = qc @ onp.swapaxes(k[:, :, :Sb], -1, -2)                # [B,Hkv,G*t,Sb] (k^T read in place, no copy)
+        s5 = s.reshape(B, Hkv, G, t, Sb)
+        s5[..., Sb - t:] += _causal_bias(t, s.dtype)               # only the last t keys can be in the future
+        if not bounded:
+            s -= s.max(axis=-1, keepdims=True)
+        e = onp.exp(s, out=s)
+        yield t0, t1, qc, e, _rowsum(e)
 
 
 @primitive
 def causal_attention(q, k, v, bounded=False):
-    """softmax(q k^T / sqrt(dh) + causal mask) v, one primitive.  q [B,H,T,dh], k, v [B,H,S,dh] -> [B,H,T,dh]."""
-    return _attention_probs(q, k, bounded) @ v
+    """softmax(q k^T / sqrt(dh) + causal mask) v, one primitive, the T queries being the LAST T of S positions.
+    q [B, H, T, dh], k, v [B, Hkv, S, dh] with H a multiple of Hkv (query head h reads kv head h // (H/Hkv))
+    -> [B, H, T, dh]."""
+    B, H, T, dh = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    ys = [((e @ v[:, :, :e.shape[-1]]) / r).reshape(B, Hkv, G, t1 - t0, dh)     # softmax v, [B,Hkv,G,t,dh]
+          for t0, t1, qc, e, r in _attention_blocks(q, k, bounded)]
+    y = ys[0] if len(ys) == 1 else onp.concatenate(ys[::-1], axis=3)           # [B,Hkv,G,T,dh]
+    return y.reshape(B, H, T, dh)
 
 
 def _causal_attention_vjp(argnums, y, args, kwargs):
-    # With P = softmax(S), S = q k^T / sqrt(dh), y = P v:
-    #   dv = P^T g,   dP = g v^T,   dS = P * (dP - rowsum(dP * P)),   dq = dS k / sqrt(dh),   dk = dS^T q / sqrt(dh)
-    # (masked entries have P = 0, so they get no gradient). P is recomputed rather than stored.
+    # Per query block, with P = e / r = softmax(S), S = q k^T / sqrt(dh), y = P v, and g = dL/dy of the block:
+    #   dv += P^T g,   dP = g v^T,   dS = P * (dP - rowsum(dP * P)),   dq = dS k / sqrt(dh),   dk += dS^T q / sqrt(dh)
+    # (masked entries have P = 0, so they get no gradient; the G query heads of a kv head sum into its dk, dv).
+    # P is recomputed rather than stored.
     q, k, v = args[:3]
-    P = _attention_probs(q, k, kwargs.get("bounded", args[3] if len(args) > 3 else False))
+    bounded = kwargs.get("bounded", args[3] if len(args) > 3 else False)
+    B, H, T, dh = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
 
     def vjp(g):
-        dP = g @ onp.swapaxes(v, -1, -2)
-        dS = P * (dP - _rowsum(dP * P)) * (1.0 / math.sqrt(q.shape[-1]))
-        grads = {0: lambda: dS @ k, 1: lambda: onp.swapaxes(dS, -1, -2) @ q, 2: lambda: onp.swapaxes(P, -1, -2) @ g}
-        return tuple(grads[i]() for i in argnums)
+        g5 = onp.reshape(g, (B, Hkv, G, T, dh))
+        dq, dk, dv = [], None, None
+        for t0, t1, qc, e, r in _attention_blocks(q, k, bounded):       # last block first: it sees every key
+            Sb = e.shape[-1]
+            P = e
+            P /= r                                                                 # [B,Hkv,G*t,Sb]
+            gb = g5[:, :, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), dh)
+            dS = gb @ onp.swapaxes(v[:, :, :Sb], -1, -2)                          # dP, then in place:
+            dS -= _rowsum(dS * P)
+            dS *= P                                                                # dS = P * (dP - rowsum(dP * P))
+            dq.append(((dS @ k[:, :, :Sb]) * (1.0 / math.sqrt(dh))).reshape(B, Hkv, G, t1 - t0, dh))
+            dk_b, dv_b = onp.swapaxes(dS, -1, -2) @ qc, onp.swapaxes(P, -1, -2) @ gb   # [B,Hkv,Sb,dh]
+            if dk is None:
+                dk, dv = dk_b, dv_b                                                # Sb = S: every key
+            else:
+                dk[:, :, :Sb] += dk_b
+                dv[:, :, :Sb] += dv_b
+        dq = dq[0] if len(dq) == 1 else onp.concatenate(dq[::-1], axis=3)         # [B,Hkv,G,T,dh]
+        grads = {0: dq.reshape(B, H, T, dh), 1: dk, 2: dv}
+        return tuple(grads[i] for i in argnums)
     return vjp
 
 

@@ -34,13 +34,29 @@ def test_apply_rope():
     check_grads(lambda x: tl.apply_rope(x, cos, sin, Rm), modes=["rev"], order=1)(rand(2, 2, 5, 8))
 
 
+def naive_attention(q, k, v):
+    """Independent reference: every query head gets its kv head's k, v copied (np.repeat), full [T, S] mask."""
+    G, T, S = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    k, v = onp.repeat(k, G, axis=1), onp.repeat(v, G, axis=1)
+    s = q @ onp.swapaxes(k, -1, -2) / onp.sqrt(q.shape[-1])
+    s = onp.where(onp.arange(S)[None, :] <= onp.arange(S - T, S)[:, None], s, -onp.inf)
+    p = onp.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True) @ v
+
+
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("past", [0, 3])
-def test_causal_attention(bounded, past):
-    q, k, v = rand(2, 3, 4, 8), rand(2, 3, 4 + past, 8), rand(2, 3, 4 + past, 8)
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2)])            # (H, Hkv): multi-head and grouped-query (G = 3)
+@pytest.mark.parametrize("block", [256, 3])                    # one query block, and blocks of 3 (T = 7: 3 + 3 + 1)
+def test_causal_attention(bounded, past, heads, block, monkeypatch):
+    monkeypatch.setattr(tl, "QUERY_BLOCK", block)
+    (H, Hkv), T = heads, 7
+    q, k, v = rand(2, H, T, 8), rand(2, Hkv, T + past, 8), rand(2, Hkv, T + past, 8)
     if bounded:                           # the bounded shortcut assumes |scores| small (QK-norm): keep them so
         q, k = 0.3 * q / onp.linalg.norm(q, axis=-1, keepdims=True), k / onp.linalg.norm(k, axis=-1, keepdims=True)
-    check_grads(lambda q, k, v: tl.causal_attention(q, k, v, bounded), modes=["rev"], order=1)(q, k, v)
+    onp.testing.assert_allclose(tl.causal_attention(q, k, v, bounded), naive_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    # one tuple argument: check_grads checks the gradient of its FIRST argument only
+    check_grads(lambda qkv: tl.causal_attention(*qkv, bounded), modes=["rev"], order=1)((q, k, v))
 
 
 def test_embed_lookup():
