@@ -247,9 +247,12 @@ def block_grad_total(rec):
     return [float(np.sqrt(np.sum(np.square(m)))) for m in rec["block_out_grad_norm_curve"]]
 
 
-def block_grad_per_loop(rec, step=-1):
-    """Per loop t: sqrt(sum over layers of ||dL/d block output||^2) at a logged step (default the last)."""
-    return np.sqrt(np.sum(np.square(rec["block_out_grad_norm_curve"][step]), axis=1)).tolist()
+def block_grad_per_loop(rec):
+    """Per loop t: sqrt(sum over layers of ||dL/d block output||^2), averaged over the logged steps in the last
+    FINAL_WINDOW of training (the window of the final loss)."""
+    late = [m for s, m in zip(rec["log_step"], rec["block_out_grad_norm_curve"]) if s >= (1 - FINAL_WINDOW) * rec["steps"]]
+    late = late or rec["block_out_grad_norm_curve"][-1:]
+    return np.mean(np.sqrt(np.sum(np.square(late), axis=2)), axis=0).tolist()
 
 
 def summarise(runs, groups, variants):
@@ -332,7 +335,7 @@ def make_figures(results, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
     opts, Ks, L0 = results["optimizers"], results["loops"], results["layers"][0]
     Kmax = max(Ks)
     head = {(g["optimizer"], g["layers"], g["K"]): g["lr"] for g in results["headline"]}
@@ -385,7 +388,7 @@ def make_figures(results, out):
         axes[i][0].set(xlabel="step", ylabel="hidden norm, end of last loop", yscale="log",
                        title=f"{OPT_LABEL[o]}: over training (K = {Kmax})")
         axes[i][1].set(xlabel="loop t", ylabel="hidden norm, end of loop t", yscale="log",
-                       title=f"{OPT_LABEL[o]}: per loop after training (mean over seeds)")
+                       title=f"{OPT_LABEL[o]}: per loop after training (mean)")
         axes[i][1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[i][0].legend(fontsize=7)
         axes[i][1].legend(fontsize=7)
@@ -406,7 +409,7 @@ def make_figures(results, out):
         axes[i][0].set(xlabel="step", ylabel="gradient norm before clipping", yscale="log",
                        title=f"{OPT_LABEL[o]}: global gradient norm (K = {Kmax})")
         axes[i][1].set(xlabel="loop t", ylabel="||dL/d(block output)||, layers combined", yscale="log",
-                       title=f"{OPT_LABEL[o]}: per loop, last logged step (mean)")
+                       title=f"{OPT_LABEL[o]}: per loop, last 10% of steps (mean)")
         axes[i][1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[i][0].legend(fontsize=7)
         axes[i][1].legend(fontsize=7)
@@ -461,7 +464,11 @@ def make_figures(results, out):
             ax.plot([r["lr"] for r in bad], [r["final_loss"] for r in bad], "x", color="k", ms=10, label="collapsed")
             loss_lines(ax)
             ax.axvline(head[(o, L0, K)], color="green", ls=":", label="headline LR (rule)")
-            ax.set(xscale="log", xlabel="learning rate" + (" (Muon's; AdamW groups scale with it)" if o == "muon" else ""),
+            ax.set_xscale("log")
+            lrs = sorted({r["lr"] for r in sw})
+            ax.set_xticks(lrs, [f"{x:.3g}" for x in lrs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set(xlabel="learning rate" + (" (Muon's; AdamW groups scale with it)" if o == "muon" else ""),
                    ylabel="final training loss", title=f"{OPT_LABEL[o]}, K = {K} (seed 0)")
             ax.legend(fontsize=7)
     save(fig, "6_lr_sweep.png", f"LR sweep, L = {L0}")
