@@ -193,7 +193,7 @@ def _call(item):
 def run_stage(fn, done_fn, jobs, args, desc, what="runs"):
     """Results of fn((args, job)) for every job, in job order: finished ones read back (done_fn), the rest run."""
     out = [done_fn(args, j) for j in jobs]
-    todo = [i for i, r in enumerate(out) if r is None]
+    todo = sorted((i for i, r in enumerate(out) if r is None), key=lambda i: -jobs[i]["K"] * jobs[i]["layers"])
     reused = len(jobs) - len(todo)
     if reused:
         print(f"{desc}: reusing {reused} of {len(jobs)} finished {what} from {os.path.join(args.out, 'models')} "
@@ -313,7 +313,8 @@ def run_protocol(args):
                "chance_exact_match": chance_exact_match(args),
                "headline": groups, "summary": summarise(runs, groups, args.variants),
                "sweep": [strip(r) for r in sorted(sweep, key=order)], "runs": [strip(r) for r in sorted(runs, key=order)],
-               "trained_now": n1 + n2, "evaluated_now": n3, "reused": len(sweep_jobs) + len(seed_jobs) - n1 - n2}
+               "trained_now": n1 + n2, "evaluated_now": n3, "reused": len(sweep_jobs) + len(seed_jobs) - n1 - n2,
+               "train_seconds_sum": sum(r["seconds"] for r in sweep + more)}   # in the workers, whenever trained
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -345,9 +346,8 @@ def make_figures(results, out):
     smoke = " [SMOKE RUN: not results]" if results["smoke_run"] else ""
     files = []
 
-    def grid(nrows, ncols, w=5.2, h=3.8):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
-        return fig, axes
+    def grid(nrows, ncols, w=5.2, h=3.8, **kw):
+        return plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, **kw)
 
     def save(fig, name, title):
         fig.suptitle(title + smoke, fontsize=11)
@@ -361,7 +361,7 @@ def make_figures(results, out):
         ax.axhline(COLLAPSE_FRACTION * chance, ls="--", color="gray", label=f"collapse threshold ({COLLAPSE_FRACTION} x chance)")
 
     # 1: training loss vs step, rows: optimizer, columns: K
-    fig, axes = grid(len(opts), len(Ks))
+    fig, axes = grid(len(opts), len(Ks), sharey=True)
     for i, o in enumerate(opts):
         for j, K in enumerate(Ks):
             ax = axes[i][j]
@@ -371,8 +371,8 @@ def make_figures(results, out):
                     _band(ax, np.arange(len(rs[0]["loss_curve"])), [r["loss_curve"] for r in rs], COLORS[v], v)
             loss_lines(ax)
             ax.set(xlabel="step", ylabel="training loss (answer tokens)",
-                   title=f"{OPT_LABEL[o]}, K = {K}, lr = {head[(o, L0, K)]:g}")
-            ax.legend(fontsize=7)
+                   title=f"{OPT_LABEL[o]}, K = {K}, lr = {head[(o, L0, K)]:.3g}", ylim=(0, 1.3 * chance + 1.2))
+            ax.legend(fontsize=6.5, loc="upper right", ncol=2)
     save(fig, "1_loss.png", f"Training loss, L = {L0} (line: mean over seeds; band: min-max over seeds)")
 
     # 2: hidden norm: over training (last loop) and per loop after training, at the largest K
@@ -418,19 +418,22 @@ def make_figures(results, out):
     # 4: downstream average per variant at each K, one panel per optimizer
     fig, axes = grid(1, len(opts), w=6)
     w = 0.8 / len(Ks)
+    shade = lambda i: 0.45 + 0.55 * i / max(1, len(Ks) - 1)
     for ax, o in zip(axes[0], opts):
         for i, K in enumerate(Ks):
             for j, v in enumerate(results["variants"]):
                 accs = [r["downstream_avg"] for r in runs_at(o, L0, K, v)]
                 if accs:
-                    ax.bar(j + i * w, np.mean(accs), w, color=COLORS[v], alpha=0.45 + 0.55 * i / max(1, len(Ks) - 1),
-                           label=f"K = {K} (shade)" if j == 0 else None, edgecolor="k")
-                    ax.plot([j + i * w] * len(accs), accs, "k.", ms=4, label="one seed" if (i, j) == (0, 0) else None)
+                    ax.bar(j + i * w, np.mean(accs), w, color=COLORS[v], alpha=shade(i), edgecolor="k")
+                    ax.plot([j + i * w] * len(accs), accs, "k.", ms=4)
+        for i, K in enumerate(Ks):                                         # legend proxies: shade = K
+            ax.bar(0, 0, 0, color="gray", alpha=shade(i), edgecolor="k", label=f"trained at K = {K}")
+        ax.plot([], [], "k.", ms=4, label="one seed")
         ax.axhline(results["chance_exact_match"], color="black", lw=0.8,
                    label=f"chance ({results['chance_exact_match']:.3f})")
         ax.set_xticks(np.arange(len(results["variants"])) + w * (len(Ks) - 1) / 2, results["variants"])
-        ax.set(ylabel="downstream average (exact match)", ylim=(0, 1), title=f"{OPT_LABEL[o]} (bars: mean over seeds)")
-        ax.legend(fontsize=7)
+        ax.set(ylabel="downstream average (exact match)", ylim=(0, 1.15), title=f"{OPT_LABEL[o]} (bars: mean over seeds)")
+        ax.legend(fontsize=7, loc="upper center", ncol=len(Ks) + 2)
     save(fig, "4_downstream.png", f"Downstream average at the headline LR, L = {L0}")
 
     # 5: test-time loops (stage 3), rows: optimizer, columns: K
@@ -467,10 +470,11 @@ def make_figures(results, out):
             ax.set_xscale("log")
             lrs = sorted({r["lr"] for r in sw})
             ax.set_xticks(lrs, [f"{x:.3g}" for x in lrs])
+            ax.set_xlim(min(lrs) / 1.5, max(lrs) * 1.5)
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(xlabel="learning rate" + (" (Muon's; AdamW groups scale with it)" if o == "muon" else ""),
-                   ylabel="final training loss", title=f"{OPT_LABEL[o]}, K = {K} (seed 0)")
-            ax.legend(fontsize=7)
+                   ylabel="final training loss", title=f"{OPT_LABEL[o]}, K = {K} (seed 0)", ylim=(0, None))
+            ax.legend(fontsize=6, loc="best", framealpha=0.8)
     save(fig, "6_lr_sweep.png", f"LR sweep, L = {L0}")
 
     # 7: depth, if more than one L: final loss at the headline LR per variant, L on the x axis
@@ -500,7 +504,7 @@ def summary(results):
     lines = [f"statistic: {STAT_NOTE}; collapse: {results['collapse_rule']}"]
     for g in results["headline"]:
         o, L, K, lr = g["optimizer"], g["layers"], g["K"], g["lr"]
-        lines.append(f"{OPT_LABEL[o]}, L = {L}, K = {K}: headline lr = {lr:g}")
+        lines.append(f"{OPT_LABEL[o]}, L = {L}, K = {K}: headline lr = {lr:.3g}")
         lines.append(f"  {'variant':8s} {'final loss':>15s} {'collapsed':>9s} {'downstream avg':>16s} "
                      f"{'last-loop norm':>14s}")
         for s in results["summary"]:
