@@ -477,7 +477,7 @@ def make_figures(results, out):
             ax.legend(fontsize=6, loc="best", framealpha=0.8)
     save(fig, "6_lr_sweep.png", f"LR sweep, L = {L0}")
 
-    # 7: depth, if more than one L: final loss at the headline LR per variant, L on the x axis
+    # 7: depth, if more than one L: downstream average at the headline LR per variant, L on the x axis
     if len(results["layers"]) > 1:
         fig, axes = grid(len(opts), len(Ks))
         Ls = results["layers"]
@@ -485,16 +485,16 @@ def make_figures(results, out):
             for j, K in enumerate(Ks):
                 ax = axes[i][j]
                 for v in results["variants"]:
-                    ys = [[r["final_loss"] for r in runs_at(o, L, K, v)] for L in Ls]
+                    ys = [[r["downstream_avg"] for r in runs_at(o, L, K, v)] for L in Ls]
                     if all(ys):
                         ax.plot(Ls, [np.mean(y) for y in ys], "o-", color=COLORS[v], label=v)
                         for L, y in zip(Ls, ys):
                             ax.plot([L] * len(y), y, ".", color=COLORS[v], ms=3)
-                loss_lines(ax)
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set(xlabel="layers L in the looped stack", ylabel="final training loss",
+                ax.axhline(results["chance_exact_match"], color="black", lw=0.8, label="chance")
+                ax.set_xticks(Ls)
+                ax.set(xlabel="layers L in the looped stack", ylabel="downstream average", ylim=(0, 1),
                        title=f"{OPT_LABEL[o]}, K = {K} (each L at its headline LR)")
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="lower left")
         save(fig, "7_depth.png", "Depth (line: mean over seeds; dots: seeds)")
     return files
 
