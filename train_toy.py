@@ -7,7 +7,7 @@ figures.
 
     python train_toy.py                  # default run: L = 2, both optimizers (~16 min on 2 idle cores)
     python train_toy.py --layers 2 4     # adds the depth axis L = 4 (reuses the L = 2 runs; see docs/train_toy.md)
-    python train_toy.py --quick          # smoke run (~30 s): checks the pipeline; its numbers are NOT results
+    python train_toy.py --quick          # smoke run (~15 s): checks the pipeline; its numbers are NOT results
 
 Protocol (fixed before looking at any result; see docs/train_toy.md):
   * every variant at an (optimizer, L, K) gets identical hyperparameters and the same data stream for a seed:
@@ -523,7 +523,7 @@ def summary(results):
 # --- command line -----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (~30 s on 2 cores): its numbers are not results")
+    p.add_argument("--quick", action="store_true", help="smoke run (~15 s on 2 cores): its numbers are not results")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), help="muon (Muon + AdamW, the paper's) and/or adam")
     p.add_argument("--layers", type=int, nargs="+", default=[2], help="L, layers in the looped stack (a sweep axis)")
     p.add_argument("--loops", type=int, nargs="+", default=[4, 12], help="training loop counts K")
