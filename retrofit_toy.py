@@ -81,7 +81,7 @@ def train_model(job):
         b = tl.make_batch(TASKS, args.batch, args.seq_len, np.random.default_rng([args.seed, 3, step]), n=args.n)
         return b["tokens"], b["targets"], b["mask"]
     t0 = time.perf_counter()
-    params, hist = tl.train(params, cfg, get, steps=args.steps, lr=args.lr, variant="standard",
+    params, hist = tl.train(params, cfg, get, steps=args.steps, lr=args.lr, variant="standard", optimizer="adam",
                             weight_decay=args.weight_decay, log_every=0, progress=False)
     meta = dict(train_meta(args, moe), status=hist["status"], diverged_at=hist["diverged_at"],
                 seconds=time.perf_counter() - t0, loss_curve=hist["loss"])

@@ -273,7 +273,12 @@ def rope_tables(cfg, pos0, T):
 
     RoPE rotates each coordinate pair (i, j) of a head by the angle p * theta^(-2m/dh) (m = pair index):
         y_i = x_i cos - x_j sin,   y_j = x_i sin + x_j cos,    i.e.  y = x * cos + (x @ R) * sin.
-    "half" pairs coordinate m with m + dh/2 (nanochat, HF); "pairs" pairs 2m with 2m+1 (llama.cpp / GGUF).
+    "half" pairs coordinate m with m + dh/2 (HF's rotate_half); "pairs" pairs 2m with 2m+1 (llama.cpp / GGUF).
+    The [FLT] authors' code (nanochat gpt.py apply_rotary_emb) pairs like "half" but rotates by -angle
+    (y_i = x_i cos + x_j sin). That is the same model with coordinate j of every q and k head negated: R(-a) =
+    D R(a) D with D = diag(1, -1) on each pair, D is folded into the columns of W_q and W_k, and QK-norm does not
+    see signs. The uniform init is symmetric and Adam / Muon updates commute with the sign flip, so for training
+    from scratch the two conventions are an exact reparameterisation of each other (tinyloop keeps +angle).
     """
     dh = cfg.head_dim
     inv_freq = cfg.rope_theta ** (-onp.arange(0, dh, 2) / dh)              # [dh/2]
@@ -693,7 +698,7 @@ def final_norm(params, x, cfg):
 
 
 def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_layers=None,
-            all_logits=False, diagnostics=True, routing_log=None, h0=None):
+            all_logits=False, diagnostics=True, routing_log=None, h0=None, taps=None):
     """Logits of one of the [FLT] model family, and per-loop diagnostics.
 
     tokens: [B, T] ints. variant: "standard" (the stack once, no loop) or a looped variant run n_loops times
@@ -715,6 +720,8 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     routing_log: optional dict, with a window: receives {layer index: [expert ids [B,T,k] of each call]} (MoE).
     h0: optional loop state [B, T, d] (looped variants): every one of the K loops is then a "loop t > 1" fed
     h_{t-1}, starting from h_0 = h0 (one loop from h0 is the loop map Phi(h0) of section 10).
+    taps: optional [K][L] nested list of arrays [B, T, d] added to the output of layer l in loop t (pass zeros: the
+    gradient with respect to taps[t][l] is then dL/d(that block's output), the [FLT] authors' per-loop diagnostic).
     Returns (logits [B, T, vocab], diag) with diag["hidden_norm"] [K] (token mean of ||x||_2 at the end of
     each loop, before the inter-loop norm), diag["cos_sim"] [K] (mean cosine similarity between the final
     states of different sequences at the same position; -> 1 when every input maps to the same state),
@@ -730,6 +737,8 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
     _check(window is None or variant == "standard", "window", "training-free looping applies to variant='standard'")
     _check(loop_layers is None or (isinstance(getval(loop_layers), (list, tuple)) and len(loop_layers) == K),
            "loop_layers", f"needs one layer list per loop ({K})")
+    _check(taps is None or (window is None and len(taps) == (1 if variant == "standard" else K)), "taps",
+           "needs one list of per-layer arrays per loop, and no window")
     tokens = _check_tokens(tokens, cfg)
     _check_params(params, cfg, loop_layers)
     _check(h0 is None or (variant != "standard" and onp.shape(h0) == tokens.shape + (cfg.d_model,)), "h0",
@@ -757,6 +766,7 @@ def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_
                 if h is not None and variant == "FLT_res":
                     x = rms_norm(x + h, eps=eps)                            # FLA with additive injection
                 x, ex = block(p, x, cfg, q=h if inject else None)           # Attention Injection: Q = n(h)
+                x = x if taps is None else x + taps[t][l]                   # diagnostic tap (zeros)
                 aux = aux + ex["aux"]
         states.append(x)
         h = final_norm(params, x, cfg)
@@ -987,17 +997,58 @@ def _xent_vjp(ans, z, targets, w):
 defvjp(_xent, _xent_vjp)
 
 
-def loss_fn(params, batch, cfg, variant="FLT", n_loops=None, supervise="end", aux_coef=0.0,
-            loop_layers=None, window=None, diag_out=None):
-    """Training loss: cross-entropy of the LAST loop's logits ("END", [FLT]) or the mean over every loop
-    ("all"), plus aux_coef * MoE balancing loss. diag_out (a dict) receives the forward's diagnostics."""
-    tokens, targets, mask = batch
-    logits, diag = forward(params, tokens, cfg, variant, n_loops, window=window, loop_layers=loop_layers,
-                           all_logits=(supervise == "all"), diagnostics=diag_out is not None)
-    if supervise == "all":
-        loss = sum(cross_entropy(z, targets, mask) for z in diag["loop_logits"]) * (1.0 / len(diag["loop_logits"]))
+SUPERVISION = ("end", "few", "all")
+
+
+def supervised_loops(K, supervise="end"):
+    """The loops (0-indexed) whose logits enter the training loss, for K loops ([FLT] gpt.py, loss_type):
+        "end"  [K-1]                        the last loop only (the paper's released runs)
+        "few"  2K//3, ..., K-1              the last third: ceil(K/3) loops (the authors' few_steps = range(2*K//3, K))
+        "all"  0, ..., K-1                  every loop (the authors' STEP)"""
+    _check(supervise in SUPERVISION, "supervise", f"must be one of {SUPERVISION}, got {supervise!r}")
+    return {"end": [K - 1], "few": list(range(2 * K // 3, K)), "all": list(range(K))}[supervise]
+
+
+def _as_batch(batch, name="batch"):
+    """(tokens, targets, mask) from a 3-tuple or from make_batch's dict (its tokens / targets / mask; mask optional).
+    Shapes and dtypes are checked here, so a wrong batch fails with a ValueError naming `name`."""
+    if isinstance(batch, dict):
+        _check("tokens" in batch and "targets" in batch, name,
+               f"a dict batch needs keys 'tokens' and 'targets' (and optionally 'mask'), got {sorted(batch)}")
+        tokens, targets, mask = batch["tokens"], batch["targets"], batch.get("mask")
     else:
+        _check(isinstance(batch, (tuple, list)) and len(batch) == 3, name,
+               "must be (tokens, targets, mask) or make_batch's dict, got "
+               + (f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list))
+                  else f"a {type(batch).__name__}"))
+        tokens, targets, mask = batch
+    tokens, targets = onp.asarray(tokens), onp.asarray(targets)
+    _check(tokens.ndim == 2 and onp.issubdtype(tokens.dtype, onp.integer), name,
+           f"tokens must be integer ids of shape [batch, positions], got {tokens.dtype} of shape {tokens.shape}")
+    _check(targets.shape == tokens.shape and onp.issubdtype(targets.dtype, onp.integer), name,
+           f"targets must be integer ids shaped like tokens {tokens.shape}, got {targets.dtype} of shape {targets.shape}")
+    if mask is not None:
+        mask = onp.asarray(mask)
+        _check(mask.shape == tokens.shape and mask.dtype.kind in "biuf", name,
+               f"mask must be numbers shaped like tokens {tokens.shape}, got {mask.dtype} of shape {mask.shape}")
+    return tokens, targets, mask
+
+
+def loss_fn(params, batch, cfg, variant="FLT", n_loops=None, supervise="end", aux_coef=0.0,
+            loop_layers=None, window=None, diag_out=None, taps=None):
+    """Training loss: the mean cross-entropy over the supervised loops' logits (supervise = "end", "few" or
+    "all", see supervised_loops; [FLT] trains with "end"), plus aux_coef * MoE balancing loss.
+    batch: (tokens, targets, mask) or make_batch's dict. diag_out (a dict) receives the forward's diagnostics;
+    taps is passed to forward (the block-output gradient diagnostic)."""
+    tokens, targets, mask = _as_batch(batch)
+    K = 1 if variant == "standard" else (cfg.n_loops if n_loops is None else n_loops)
+    loops = supervised_loops(K, supervise)
+    logits, diag = forward(params, tokens, cfg, variant, n_loops, window=window, loop_layers=loop_layers,
+                           all_logits=(loops != [K - 1]), diagnostics=diag_out is not None, taps=taps)
+    if loops == [K - 1]:
         loss = cross_entropy(logits, targets, mask)
+    else:                                            # (1 / |S|) sum_{t in S} CE(logits of loop t)
+        loss = sum(cross_entropy(diag["loop_logits"][t], targets, mask) for t in loops) * (1.0 / len(loops))
     if diag_out is not None:
         diag_out.update({k: v for k, v in diag.items() if k in ("hidden_norm", "cos_sim")})
     return loss + aux_coef * diag["aux"] if aux_coef else loss
@@ -1023,23 +1074,22 @@ def flatten(tree):
     return vec, unflatten
 
 
+def tree_map(f, tree, *rest):
+    """f applied leaf by leaf to trees of the same structure (dicts and lists; anything else is a leaf)."""
+    if isinstance(tree, dict):
+        return {k: tree_map(f, v, *(r[k] for r in rest)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_map(f, v, *(r[i] for r in rest)) for i, v in enumerate(tree)]
+    return f(tree, *rest)
+
+
 def lr_schedule(step, steps, lr, warmdown=0.2):
-    """[FLT] recipe: constant LR, no warm-up, then linear decay to 0 over the last `warmdown` fraction."""
+    """[FLT] recipe: constant LR, no warm-up, then linear decay to 0 over the last `warmdown` fraction
+    (base_train.py get_lr_multiplier: 1 while step <= steps - n_down, then (steps - step) / n_down)."""
     n_down = int(round(warmdown * steps))
     if n_down == 0 or step < steps - n_down:
         return lr
     return lr * (steps - step) / n_down
-
-
-def adam_update(vec, g, m, v, step, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0):
-    """One AdamW step on flat vectors (step counts from 0). Returns (vec, m, v).
-        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   mhat = m / (1 - b1^(t+1)),  vhat likewise
-        vec <- vec (1 - lr wd) - lr mhat / (sqrt(vhat) + eps)            (decoupled weight decay)"""
-    b1, b2 = betas
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    mhat, vhat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
-    return (vec * (1 - lr * weight_decay) - lr * mhat / (onp.sqrt(vhat) + eps)).astype(vec.dtype), m, v
 
 
 def clip_by_norm(g, clip):
@@ -1048,31 +1098,177 @@ def clip_by_norm(g, clip):
     return (g if clip is None or not norm > clip else g * (clip / norm)), norm
 
 
-def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1.0, betas=(0.8, 0.95),
-          eps=1e-10, weight_decay=0.0, warmdown=0.2, supervise="end", aux_coef=None, log_every=10,
-          loop_grad_every=0, blowup=3.0, progress=True, desc=None, window=None):
-    """Adam(W) with global-norm gradient clipping and the [FLT] schedule. get_batch(step) -> (tokens,
-    targets, mask). Every step records loss, LR and the gradient norm BEFORE clipping; every log_every
-    steps the per-loop hidden norms and cross-sequence cosines; every loop_grad_every steps (0 = never) the
-    per-loop gradient norms. A non-finite loss or gradient, or a loss above blowup x the first loss, stops
-    training as "diverged at step N": the last finite parameters are returned, never NaN.
-    Returns (params, history)."""
+# --- Optimizers: the [FLT] recipe (nanochat/muon.py, nanochat/gpt.py setup_optimizers, scripts/base_train.py) ---
+OPTIMIZERS = ("muon", "adam")
+MUON_LR = 0.02                       # matrix_lr: Muon, every matrix inside the layers
+EMBED_LR = 0.2                       # embedding_lr: AdamW, times (d_model / 768) ** -0.5
+HEAD_LR = 0.004                      # unembedding_lr: AdamW, times (d_model / 768) ** -0.5
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def adam_update(vec, g, m, v, step, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0):
+    """One AdamW step on arrays of any shape, elementwise (step counts from 0). Returns (vec, m, v).
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   mhat = m / (1 - b1^(t+1)),  vhat likewise
+        vec <- vec (1 - lr wd) - lr mhat / (sqrt(vhat) + eps)            (decoupled weight decay)
+    (torch.optim.AdamW's update, which the [FLT] code uses on one device.)"""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mhat, vhat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))
+    return (vec * (1 - lr * weight_decay) - lr * mhat / (onp.sqrt(vhat) + eps)).astype(vec.dtype), m, v
+
+
+def newton_schulz(G, steps=5):
+    """Orthogonalise G [..., m, n] approximately (each trailing matrix on its own), [FLT] muon.py
+    zeropower_via_newtonschulz5.
+
+    What it does: with the SVD G = U S V^T, the "orthogonalisation" of G is U V^T: the same singular vectors
+    (the same directions in input and output space), every singular value set to 1. An update U V^T moves
+    the weight by the same amount along every direction G points in, instead of mostly along its few largest
+    singular directions (a gradient of a matrix is typically close to low rank).
+    How: X X^T X = U S^3 V^T, so an odd polynomial p(X) = a X + b (X X^T) X + c (X X^T)^2 X applies
+    p(s) = a s + b s^3 + c s^5 to every singular value at once and leaves the singular vectors alone. Scaling
+    X = G / ||G||_F first puts every s in [0, 1] (||G||_F >= the spectral norm); 5 steps with (a, b, c) =
+    (3.4445, -4.7750, 2.0315) (a large slope at 0, so small s grow fast) bring every s above ~1e-3 ||G||_F
+    into a band around 1 ([0.47, 1.20]; above 1e-2 ||G||_F: [0.68, 1.13]) rather than exactly to 1: the
+    result is U S' V^T, which the authors found works as well as U V^T. The authors run this in bfloat16;
+    tinyloop runs it in G's dtype (the model's: float32, or float64). Returns an array shaped like G."""
+    a, b, c = NS_COEFFS
+    tall = G.shape[-2] > G.shape[-1]
+    X = onp.swapaxes(G, -1, -2) if tall else G            # [.., small, big]: the Gram matrix X X^T is the small one
+    X = X / (onp.sqrt(onp.sum(X * X, axis=(-2, -1), keepdims=True)) + 1e-7)    # X / ||X||_F: spectral norm <= 1
+    for _ in range(steps):
+        A = X @ onp.swapaxes(X, -1, -2)                    # X X^T
+        X = a * X + (b * A + c * A @ A) @ X                # p(X) = a X + b (X X^T) X + c (X X^T)^2 X
+    return onp.swapaxes(X, -1, -2) if tall else X
+
+
+def muon_momentum(step):
+    """Muon's momentum at a step ([FLT] base_train.py get_muon_momentum): 0.85 -> 0.95 linearly over the first
+    300 steps, then 0.95."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def muon_update(W, g, buf, lr, momentum, ns_steps=5):
+    """One Muon step ("MomentUm Orthogonalized by Newton-Schulz", [FLT] muon.py) of a weight W [..., d_in, d_out]
+    (tinyloop multiplies x @ W; leading axes, such as MoE experts, are separate matrices). Returns (W, buf).
+        buf <- mu buf + (1 - mu) g                              momentum, an average of past gradients
+        u   <- (1 - mu) g + mu buf                              Nesterov: step from the look-ahead
+        W   <- W - lr max(1, d_out / d_in)^(1/2) NS5(u)         orthogonalised step (newton_schulz)
+    The authors store [d_out, d_in] and scale by max(1, rows / cols)^(1/2): the same d_out / d_in. An
+    orthogonal update has every singular value ~1, so lr is the size of the step along every direction."""
+    buf = momentum * buf + (1 - momentum) * g
+    u = (1 - momentum) * g + momentum * buf
+    scale = max(1.0, W.shape[-1] / W.shape[-2]) ** 0.5
+    return (W - (lr * scale) * newton_schulz(u, ns_steps)).astype(W.dtype), buf
+
+
+def optimizer_groups(params):
+    """Which group each parameter is in, a tree shaped like params ([FLT] gpt.py setup_optimizers):
+        "matrix"  every weight with 2 or more axes in params["layers"]: q, k, v, o, MLP, MoE experts, router
+        "embed"   the embedding table (with tied embeddings also the readout)
+        "head"    the readout W_out
+        "gain"    1-D RMSNorm gains (cfg.norm = "rms_gain" only). The authors' norms have no parameters, so
+                  this is tinyloop's choice: AdamW at the readout's LR (Muon is for matrices only)."""
+    def walk(t, top):
+        if isinstance(t, dict):
+            return {k: walk(v, top or k) for k, v in t.items()}
+        if isinstance(t, list):
+            return [walk(v, top) for v in t]
+        if onp.ndim(t) == 1:
+            return "gain"
+        _check(top in ("layers", "embed", "head"), "params", f"unknown parameter {top!r}")
+        return "matrix" if top == "layers" else top
+    return walk(params, None)
+
+
+def group_lrs(cfg, lr, optimizer="muon"):
+    """The base learning rate of every group, from ONE number lr.
+    optimizer="muon": lr is Muon's learning rate (the authors': MUON_LR = 0.02); the AdamW groups keep the
+        authors' ratios to it, scaled by s = (d_model / 768)^-0.5 (tuned at d = 768):
+            matrix lr,   embed lr * (0.2 / 0.02) * s,   head and gain lr * (0.004 / 0.02) * s.
+        So lr / 0.02 multiplies every group: lr = 0.02 is the authors' setup, and an LR sweep is one axis.
+    optimizer="adam": lr for every group (one Adam)."""
+    _check(optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "adam":
+        return {"matrix": lr, "embed": lr, "head": lr, "gain": lr}
+    s = (cfg.d_model / 768) ** -0.5
+    return {"matrix": lr, "embed": lr * (EMBED_LR / MUON_LR) * s, "head": lr * (HEAD_LR / MUON_LR) * s,
+            "gain": lr * (HEAD_LR / MUON_LR) * s}
+
+
+def init_optimizer(params, groups, optimizer="muon"):
+    """Optimizer state, per parameter: (momentum buffer,) for a Muon matrix, (m, v) for Adam(W); all zero."""
+    def state(w, group):
+        if optimizer == "muon" and group == "matrix":
+            return (onp.zeros_like(w),)
+        return onp.zeros_like(w), onp.zeros_like(w)
+    return tree_map(state, params, groups)
+
+
+def optimizer_step(params, grads, state, groups, lrs, step, optimizer="muon", betas=(0.8, 0.95), eps=1e-10,
+                   weight_decay=0.0):
+    """One step of every parameter with its group's optimizer: Muon (momentum muon_momentum(step)) for "matrix"
+    with optimizer="muon", Adam(W) otherwise. lrs: {group: learning rate at this step}; weight_decay applies to
+    the Adam(W) parameters only (the authors' Muon has none). Returns (params, state)."""
+    def update(w, g, s, group):
+        if optimizer == "muon" and group == "matrix":
+            w, buf = muon_update(w, g, s[0], lrs[group], muon_momentum(step))
+            return w, (buf,)
+        w, m, v = adam_update(w, g, s[0], s[1], step, lrs[group], betas, eps, weight_decay)
+        return w, (m, v)
+    out = tree_map(update, params, grads, state, groups)
+    return tree_map(lambda o: o[0], out), tree_map(lambda o: o[1], out)
+
+
+def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, optimizer="muon", clip=1.0,
+          betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, warmdown=0.2, supervise="end", aux_coef=None,
+          log_every=10, loop_grad_every=0, blowup=3.0, progress=True, desc=None, window=None):
+    """Train with the [FLT] recipe. Returns (params, history).
+
+    optimizer="muon" (default, the paper's): Muon on every matrix inside the layers, AdamW (betas, eps) on the
+        embedding, the readout and any RMSNorm gain (optimizer_groups). lr is Muon's learning rate, the
+        authors' is MUON_LR = 0.02; the AdamW groups move with it in the authors' ratios (group_lrs), so lr / 0.02
+        is one multiplier on every group.
+    optimizer="adam": one Adam(W) with learning rate lr for every parameter (tinyloop's earlier recipe, an ablation).
+    Both: the gradient is clipped to global norm `clip` first; the LR is constant (no warm-up) and decays linearly
+    to 0 over the last `warmdown` fraction of the steps; weight_decay (decoupled, default 0 as in the authors'
+    runs) applies to the Adam(W) parameters only.
+
+    get_batch(step) -> (tokens, targets, mask) or make_batch's dict; a wrong return fails naming get_batch.
+    supervise: "end" | "few" | "all", the loops in the loss (supervised_loops).
+    History: every step "loss", "grad_norm" (global, BEFORE clipping) and "lr" (lr times the schedule); every
+    log_every steps ("log_step") the per-loop "hidden_norm" [K] and "cos_sim" [K] (see forward) and
+    "block_out_grad_norm" [K][L]: ||dL/d(output of layer l in loop t)||, the Frobenius norm over the batch, before
+    clipping (the [FLT] authors' per-loop diagnostic, scripts/base_check.py, there recorded with backward
+    hooks); every loop_grad_every steps ("loop_grad_step"; 0 = never, it costs a second backward pass)
+    "loop_param_grad_norm" [K]: the norm of loop t's share of the gradient of the SHARED weights (the total
+    gradient is the sum of the K shares). A non-finite loss or gradient, or a loss above blowup x the first loss,
+    stops training as "diverged at step N" ("status", "diverged_at"): the last finite parameters are returned.
+    """
     from tqdm.auto import tqdm
     _check(isinstance(steps, int) and steps >= 1, "steps", f"must be a positive integer, got {steps!r}")
     _check(lr > 0, "lr", f"must be positive, got {lr}")
+    _check(optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {optimizer!r}")
     _check(clip is None or clip > 0, "clip", "must be positive or None")
-    _check(supervise in ("end", "all"), "supervise", f"must be 'end' or 'all', got {supervise!r}")
+    _check(supervise in SUPERVISION, "supervise", f"must be one of {SUPERVISION}, got {supervise!r}")
     _check(variant in VARIANTS, "variant", f"unknown variant {variant!r}; choose from {VARIANTS}")
+    _check(callable(get_batch), "get_batch", f"must be a function of the step, got {type(get_batch).__name__}")
     K = None if variant == "standard" else (cfg.n_loops if n_loops is None else n_loops)
     aux_coef = (0.01 if cfg.n_experts else 0.0) if aux_coef is None else aux_coef
-    vec, unflatten = flatten(params)
-    m, v = onp.zeros_like(vec), onp.zeros_like(vec)
-    hist = {"loss": [], "grad_norm": [], "lr": [], "log_step": [], "hidden_norm": [], "cos_sim": [],
-            "loop_grad_step": [], "loop_grad_norm": [], "diverged_at": None, "status": "ok"}
+    unflatten = flatten(params)[1]
+    groups = optimizer_groups(params)
+    base_lrs = group_lrs(cfg, lr, optimizer)
+    state = init_optimizer(params, groups, optimizer)
+    hist = {"optimizer": optimizer, "group_lr": base_lrs, "loss": [], "grad_norm": [], "lr": [], "log_step": [],
+            "hidden_norm": [], "cos_sim": [], "block_out_grad_norm": [], "loop_grad_step": [],
+            "loop_param_grad_norm": [], "diverged_at": None, "status": "ok"}
 
-    def objective(p, batch, diag_out):
-        return loss_fn(p, batch, cfg, variant, K, supervise, aux_coef, window=window, diag_out=diag_out)
+    def objective(p, batch, diag_out, taps=None):
+        return loss_fn(p, batch, cfg, variant, K, supervise, aux_coef, window=window, diag_out=diag_out, taps=taps)
     vg = value_and_grad(objective)
+    vg_taps = value_and_grad(lambda p_taps, batch, diag_out: objective(p_taps[0], batch, diag_out, p_taps[1]))
 
     def loop_objective(loop_layers, p, batch):
         return loss_fn(p, batch, cfg, variant, K, supervise, aux_coef, loop_layers=loop_layers, window=window)
@@ -1080,10 +1276,16 @@ def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1
 
     bar = tqdm(range(steps), desc=desc or f"{variant} K={K}", disable=not progress, leave=False)
     for step in bar:
-        batch = get_batch(step)
+        batch = _as_batch(get_batch(step), "get_batch")
         logging = log_every and step % log_every == 0
         diag = {} if logging else None
-        loss, g = vg(params, batch, diag)
+        if logging and window is None:           # zero taps on every block output: d loss / d tap = d loss / d output
+            zero = onp.zeros(batch[0].shape + (cfg.d_model,), cfg.dtype)
+            taps = [[zero] * len(params["layers"]) for _ in range(K or 1)]
+            loss, (g, g_taps) = vg_taps((params, taps), batch, diag)
+        else:
+            loss, g = vg(params, batch, diag)
+            g_taps = None
         gvec, gnorm = clip_by_norm(flatten(g)[0], clip)
         loss = float(loss)
         first = hist["loss"][0] if hist["loss"] else loss
@@ -1097,16 +1299,19 @@ def train(params, cfg, get_batch, steps, lr, variant="FLT", n_loops=None, clip=1
             hist["log_step"].append(step)
             hist["hidden_norm"].append(diag["hidden_norm"].tolist())
             hist["cos_sim"].append(diag["cos_sim"].tolist())
+            if g_taps is not None:
+                hist["block_out_grad_norm"].append([[float(onp.linalg.norm(x)) for x in row] for row in g_taps])
         if loop_grad_every and step % loop_grad_every == 0 and variant != "standard":
             _, lg = loop_grad([params["layers"]] * K, params, batch)
             hist["loop_grad_step"].append(step)
-            hist["loop_grad_norm"].append([float(onp.linalg.norm(flatten(x)[0])) for x in lg])
-        lr_t = lr_schedule(step, steps, lr, warmdown)
-        vec, m, v = adam_update(vec, gvec, m, v, step, lr_t, betas, eps, weight_decay)
-        params = unflatten(vec)
+            hist["loop_param_grad_norm"].append([float(onp.linalg.norm(flatten(x)[0])) for x in lg])
+        mult = lr_schedule(step, steps, 1.0, warmdown)
+        params, state = optimizer_step(params, unflatten(gvec), state, groups,
+                                       {k: v * mult for k, v in base_lrs.items()}, step, optimizer, betas, eps,
+                                       weight_decay)
         hist["loss"].append(loss)
         hist["grad_norm"].append(gnorm)
-        hist["lr"].append(lr_t)
+        hist["lr"].append(lr * mult)
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{gnorm:.2f}")
     bar.close()

@@ -190,15 +190,31 @@ def test_a_tiny_model_memorises_a_sequence(variant):
     assert onp.array_equal(logits.argmax(-1), batch[1])
 
 
-def test_training_records_history_and_schedule():
-    cfg = tl.Config(vocab=11, d_model=8, n_heads=2, n_layers=1, seq_len=8)
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_training_records_history_and_schedule(optimizer):
+    cfg = tl.Config(vocab=11, d_model=8, n_heads=2, n_layers=2, seq_len=8)
     toks = seqs(cfg)
     _, hist = tl.train(tl.init_params(cfg, 0), cfg, lambda s: (toks, toks, onp.ones(toks.shape)), steps=10,
-                       lr=1e-3, variant="FLT", n_loops=3, log_every=5, loop_grad_every=5, progress=False)
+                       lr=1e-3, variant="FLT", n_loops=3, optimizer=optimizer, log_every=5, loop_grad_every=5,
+                       progress=False)
+    assert hist["status"] == "ok" and hist["optimizer"] == optimizer
     assert len(hist["loss"]) == len(hist["grad_norm"]) == 10
     assert hist["lr"][:8] == [1e-3] * 8 and hist["lr"][8] == pytest.approx(1e-3) and hist["lr"][9] < 1e-3
     assert hist["log_step"] == [0, 5] and len(hist["hidden_norm"][0]) == 3
-    assert len(hist["loop_grad_norm"]) == 2 and len(hist["loop_grad_norm"][0]) == 3
+    assert onp.array(hist["block_out_grad_norm"]).shape == (2, 3, 2)         # [log steps, K, L]
+    assert len(hist["loop_param_grad_norm"]) == 2 and len(hist["loop_param_grad_norm"][0]) == 3
+    assert hist["loop_grad_step"] == [0, 5]
+
+
+@pytest.mark.parametrize("supervise", ["end", "few", "all"])
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_same_seed_same_numbers(supervise, optimizer):
+    cfg = tl.Config(vocab=11, d_model=8, n_heads=2, n_layers=1, seq_len=8)
+    get = lambda s: (seqs(cfg, seed=s), seqs(cfg, seed=s + 100), onp.ones((2, 6)))
+    runs = [tl.train(tl.init_params(cfg, 0), cfg, get, steps=4, lr=0.02, n_loops=4, optimizer=optimizer,
+                     supervise=supervise, progress=False) for _ in range(2)]
+    assert runs[0][1]["loss"] == runs[1][1]["loss"]
+    assert all(onp.array_equal(a, b) for a, b in zip(tl._leaves(runs[0][0]), tl._leaves(runs[1][0])))
 
 
 def test_lr_schedule_warmdown():

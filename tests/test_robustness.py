@@ -231,7 +231,7 @@ def test_swiglu_gate_at_minus_184_trains():
     for (name, a), (_, b) in zip(tl._named_leaves(g32), tl._named_leaves(g64)):
         assert onp.all(onp.isfinite(a)), name
         onp.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5 * onp.abs(b).max(), err_msg=name)
-    _, hist = tl.train(params, cfg, lambda step: batch, 3, 1e-3, variant="standard", progress=False)
+    _, hist = tl.train(params, cfg, lambda step: batch, 3, 1e-3, variant="standard", optimizer="adam", progress=False)
     assert hist["status"] == "ok" and hist["diverged_at"] is None
 
 

@@ -6,8 +6,11 @@ zero deltas; a second run with the same seed reuses the cached model and gives t
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,18 +28,79 @@ def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def run_train_toy(out, *extra, quick=True):
+    """train_toy.py in a subprocess with warnings ON (a leaked-semaphore warning must not appear)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train_toy.py"), *(["--quick"] if quick else []), "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f), proc.stdout
+
+
 def test_train_toy_quick(tmp_path):
-    res, out = run("train_toy.py", tmp_path)
-    assert "headline lr" in out
+    res, out = run_train_toy(tmp_path)
+    assert "headline lr" in out and "SMOKE RUN" in out and "not results" in out
+    assert res["smoke_run"] is True and "not results" in res["note"]
+    assert res["optimizers"] == ["muon", "adam"]
     for r in res["sweep"] + res["runs"]:
         assert r["status"] in ("ok", "diverged")
         assert isinstance(r["collapsed"], bool) and isinstance(r["degraded"], bool)
         assert finite(r["final_loss"]) or r["status"] == "diverged"
-    assert {r["variant"] for r in res["runs"]} == set(res["variants"])
+        assert r["block_out_grad_norm_curve"] and len(r["block_out_grad_norm_curve"][0]) == r["K"]
+    for o in ("muon", "adam"):                        # the ablation has the same protocol: same cells, same seeds
+        assert {(r["variant"], r["K"], r["seed"]) for r in res["runs"] if r["optimizer"] == o} == {
+            (v, K, s) for v in res["variants"] for K in res["loops"] for s in range(res["config"]["seeds"])}
     assert all("test_loops" in r for r in res["runs"])
+    assert len(res["summary"]) == 2 * len(res["loops"]) * len(res["variants"])
     for name in ("1_loss.png", "2_hidden_norm.png", "3_grad_norm.png", "4_downstream.png",
                  "5_test_time_loops.png", "6_lr_sweep.png"):
         assert os.path.getsize(tmp_path / name) > 10_000
+
+
+def test_train_toy_one_variant_prints_only_what_ran_and_the_depth_axis(tmp_path):
+    res, out = run_train_toy(tmp_path, "--variants", "FLT", "--optimizers", "muon", "--layers", "1", "2",
+                             "--loops", "2", "--muon-lrs", "0.02", "--steps", "5", "--workers", "1")
+    lines = [line.split("collapsed at:")[1] for line in out.splitlines() if "collapsed at:" in line]
+    assert len(lines) == 2 and all(re.findall(r"\b[A-Za-z_]+(?= \[|\b none)", x) == ["FLT"] for x in lines), lines
+    assert {(r["layers"], r["variant"]) for r in res["runs"]} == {(1, "FLT"), (2, "FLT")}
+    assert os.path.getsize(tmp_path / "7_depth.png") > 10_000
+
+
+def _comparable(res):
+    """results.json without what depends on when and how the run happened (timings, what was reused, folder)."""
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    return {"sweep": [drop(r) for r in res["sweep"]], "runs": [drop(r) for r in res["runs"]],
+            "summary": res["summary"], "headline": res["headline"]}
+
+
+def test_train_toy_resumes_after_ctrl_c_without_retraining(tmp_path):
+    """SIGINT (Ctrl-C: to the whole process group) after the first finished run: one line, exit 130, no traceback;
+    the rerun reuses that run (its files untouched) and ends with the same results as an uninterrupted run."""
+    args = ["--optimizers", "muon", "--variants", "LT", "FLT", "--loops", "2", "--muon-lrs", "0.02", "--steps", "10",
+            "--workers", "1"]
+    cmd = [sys.executable, os.path.join(ROOT, "train_toy.py"), "--quick", "--out", str(tmp_path / "a"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    models = tmp_path / "a" / "models"
+    deadline = time.time() + 300
+    while not (models.exists() and any(f.suffix == ".json" for f in models.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "no run finished"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    said = [line for line in (out + err).replace("\r", "\n").splitlines() if "interrupted" in line]
+    assert len(said) == 1 and "run the same command again" in said[0]
+    first = {f.name: f.stat().st_mtime_ns for f in models.iterdir()}
+    assert len([n for n in first if n.endswith(".json")]) == 1
+    res, out = run_train_toy(tmp_path / "a", *args)
+    assert "reusing 1 of 2 finished runs" in out
+    assert all((models / n).stat().st_mtime_ns == t for n, t in first.items())      # not retrained
+    again, _ = run_train_toy(tmp_path / "b", *args)                                    # uninterrupted
+    assert _comparable(res) == _comparable(again)
+    assert res["trained_now"] == 3 and again["trained_now"] == 4
 
 
 def test_retrofit_toy_quick_and_cached_rerun(tmp_path):
