@@ -1120,7 +1120,8 @@ def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None, *, alpha=0.5, momentum=0
                                                    K=1: NOT g(x0) (Heun: (x0 + g(g(x0))) / 2)
       ema              x_{k+1} = (1 - alpha) x_k + alpha g_k                 [K]   K=1: (1 - alpha) x0 + alpha g(x0),
                                                    g(x0) bitwise at alpha = 1
-      ema_sched        the same with alpha_k = alphas[k] (K of them)         [K]   K=1: (1 - alphas[0]) x0 + alphas[0] g(x0)
+      ema_sched        the same with alpha_k = alphas[k] (K of them)         [K]   K=1: (1 - alphas[0]) x0
+                                                   + alphas[0] g(x0)
       heavy_ball       x_{k+1} = x_k + alpha (g_k - x_k) + momentum (x_k - x_{k-1}),  x_{-1} = x_0
                                                                              [K]   K=1: x0 + alpha (g(x0) - x0)
       anderson         the authors' Anderson(m = history) mixing of the last m + 1 iterates (_anderson_mix: not
