@@ -496,7 +496,7 @@ def make_figures(R, out):
             ax.set_xticks(ticks)
             if key == "d_loss":
                 ax.set_yscale("symlog", linthresh=1e-3)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)   # below: hides nothing
         save(fig, name)
 
     series = []
@@ -536,7 +536,7 @@ def make_figures(R, out):
                 title="Routing change after the last iteration\n(frozen routing: 0 by construction)")
     for ax in axes:
         ax.set_xticks(sorted({r["K"] for r in R["moe"]}))
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)      # below: hides nothing
     save(fig, "6_moe.png")
 
     # 7: cache x decode
@@ -583,7 +583,7 @@ def make_figures(R, out):
         ax.set(xlabel=xl)
         ax.legend(fontsize=7, loc="lower right")
     axes[1].set_xscale("symlog", linthresh=1e-3)
-    axes[0].set_yticks(y, [f"{r['label']}   {r['d_acc']:+.1f} pp, {r['d_loss']:+.4f}" for r in rows], fontsize=7)
+    axes[0].set_yticks(y, [f"{r['label']}   {r['d_acc']:+.1f} pp, {r['d_loss']:+.4f} nats" for r in rows], fontsize=7)
     fig.suptitle(f"Every rule of the authors' code, window [{a}..{b}] of {N}, K = {R['config']['K_main']} "
                  "(block mode unless named)", fontsize=10)
     save(fig, "9_rules.png")
@@ -974,7 +974,7 @@ def real_figures(R, out):
     np.atleast_1d(axes)[0].set_ylabel(f"delta NLL vs frozen (nats/token, symlog)\n{REAL_STAT}")
     fig.suptitle(f"SmolLM2-135M, 4-layer windows of {N}: looping a frozen LLM (held-out English text)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "1_delta_nll_vs_K.png"), dpi=110)
+    fig.savefig(os.path.join(out, "1_delta_nll_vs_K.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 2: heat map (depth x K) for the damped methods
@@ -991,10 +991,10 @@ def real_figures(R, out):
         ax.set_yticks(range(len(windows)), [f"[{a}..{b}] {tl.depth_fraction(a, b, N)}" for a, b in windows])
         ax.set(xlabel="K", title=labels[m])
     axes[0].set_ylabel("window, depth fraction a/N-b/N")
-    fig.colorbar(im, ax=axes, label="delta NLL (nats/token, mean over sequences); blue = better than frozen",
+    fig.colorbar(im, ax=axes, label="delta NLL (nats/token, mean over sequences)\nblue = better than frozen",
                  shrink=0.85)
     fig.suptitle("SmolLM2-135M: where to loop (delta NLL vs frozen)")
-    fig.savefig(os.path.join(out, "2_heatmap.png"), dpi=110)
+    fig.savefig(os.path.join(out, "2_heatmap.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 3: per-layer step size; the legend sits outside the axes, so that it hides neither a curve nor a bar
@@ -1011,7 +1011,7 @@ def real_figures(R, out):
            title="SmolLM2-135M: how far each frozen layer moves the state (held-out text)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "3_step_size.png"), dpi=110)
+    fig.savefig(os.path.join(out, "3_step_size.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 4: every rule of the authors' code on the main window at the recipe K (the numbers in the row labels)
