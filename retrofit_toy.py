@@ -320,8 +320,10 @@ def run_all(fn, jobs, workers, desc):
 
 # --- the experiment -------------------------------------------------------------------------------------------
 def main_window(N, width=4, target=0.48):
-    """The width-`width` window whose depth-fraction centre is closest to `target` (ties: the earlier one)."""
-    a = min(range(N - width + 1), key=lambda a: (abs(tl.depth_fraction(a, a + width - 1, N).centre - target), a))
+    """The width-`width` window whose depth-fraction centre is closest to `target` (ties, to 1e-12: the earlier one,
+    whatever the float rounding of the centre)."""
+    a = min(range(N - width + 1),
+            key=lambda a: (round(abs(tl.depth_fraction(a, a + width - 1, N).centre - target), 12), a))
     return a, a + width - 1
 
 
