@@ -1468,24 +1468,25 @@ def _as_spec(window, n_layers):
     return spec
 
 
-@dataclass(frozen=True)
-class DepthFraction:
+class DepthFraction(tuple):
     """Where a window [a..b] sits in a stack of N layers (0-indexed): what the authors report is the RANGE
-    start = a / N .. end = b / N (README: [15..18] of Qwen3-4B's 36 layers is "0.42 - 0.50"). `centre` =
+    (start, end) = (a / N, b / N) (README: [15..18] of Qwen3-4B's 36 layers is "0.42 - 0.50"). `centre` =
     (a + b) / 2 / N is the single number the paper notes use (0.46 there); tinyloop picks its main windows by it.
-    Unpacks as (start, end)."""
-    start: float
-    end: float
+    A pair: unpacks, indexes and serialises as (start, end)."""
+    __slots__ = ()
 
-    @property
-    def centre(self):
-        return (self.start + self.end) / 2
+    def __new__(cls, start, end):
+        return tuple.__new__(cls, (start, end))
 
-    def __iter__(self):
-        return iter((self.start, self.end))
+    start = property(lambda self: self[0], doc="a / N")
+    end = property(lambda self: self[1], doc="b / N")
+    centre = property(lambda self: (self[0] + self[1]) / 2, doc="(a + b) / 2 / N")
+
+    def __repr__(self):
+        return f"DepthFraction(start={self[0]!r}, end={self[1]!r})"
 
     def __str__(self):
-        return f"{self.start:.2f}-{self.end:.2f}"
+        return f"{self[0]:.2f}-{self[1]:.2f}"
 
 
 def depth_fraction(a, b, n_layers):
