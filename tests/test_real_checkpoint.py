@@ -607,20 +607,49 @@ def test_script_rejects_a_bad_checkpoint_before_any_work(tmp_path, capsys):
 
 
 def test_script_checkpoint_run_end_to_end(real, tmp_path, monkeypatch):
-    """The --checkpoint experiment on a tiny slice (one window, K 1-2, 1 x 24 tokens, 2 new tokens), in-process:
-    results.json and the three figures are written, and K = 1 is the frozen model for every rule."""
+    """The --checkpoint experiment on a tiny slice (one window, K 1-2, 1 x 24 tokens, 2 new tokens, K = 2 for the
+    recipe), in-process:
+    results.json and the four figures are written, K = 1 is the frozen model for every rule, every rule of the
+    authors' code has its row at the recipe K, and the authors' gloop check holds (beta = 1 reproduces the frozen
+    model token for token in block and in layer mode)."""
     import json
     import retrofit_toy
     monkeypatch.setattr(retrofit_toy, "real_settings", lambda quick: ((0.48,), (1, 2), (1, 24), 2))
     monkeypatch.setattr(retrofit_toy, "REAL_PROMPTS", retrofit_toy.REAL_PROMPTS[:1])
+    monkeypatch.setattr(retrofit_toy, "RECIPE_K", 2)                      # the recipe's K = 6, cut for time
     R = retrofit_toy.main(["--checkpoint", real["path"], "--out", str(tmp_path), "--workers", "1"])
     saved = json.load(open(tmp_path / "results.json"))
-    assert saved["windows"] == [[13, 16]] and len(saved["sweep"]) == 2 * 3
+    assert saved["windows"] == [[13, 16]] and len(saved["sweep"]) == 2 * 3 and saved["smoke_run"] is False
     for rec in saved["sweep"]:
         assert rec["K"] in (1, 2) and (rec["d_nll"] == 0.0) == (rec["K"] == 1)
+    assert [r["method"] for r in saved["ablation"][:len(tl.ALL_METHODS)]] == list(tl.ALL_METHODS)
+    assert all(r["K"] == 2 and onp.isfinite(r["d_nll"]) for r in saved["ablation"])
+    assert [r["mode"] for r in saved["ablation"][-2:]] == ["layer", "per_layer"]
+    g = saved["gloop_check"]
+    assert g["beta1_identical_block"] == g["beta1_identical_layer"] == g["prompts"] == 1
     assert saved["samples"][0]["frozen"] == R["samples"][0]["frozen"]
     assert {f.name for f in tmp_path.iterdir()} >= {"results.json", "1_delta_nll_vs_K.png", "2_heatmap.png",
-                                                    "3_step_size.png"}
+                                                    "3_step_size.png", "4_rules.png"}
+
+
+def test_script_loops_any_window_from_the_command_line(real, tmp_path, monkeypatch):
+    """--window / --K / --method / --mode run one setting of the real model; toy flags are refused."""
+    import retrofit_toy
+    monkeypatch.setattr(retrofit_toy, "real_settings", lambda quick: ((0.48,), (1, 2), (1, 24), 2))
+    monkeypatch.setattr(retrofit_toy, "REAL_PROMPTS", retrofit_toy.REAL_PROMPTS[:1])
+    R = retrofit_toy.main(["--checkpoint", real["path"], "--out", str(tmp_path), "--window", "10", "13", "--K", "2",
+                           "--method", "ema", "--mode", "per_layer"])
+    r = R["setting"]
+    assert (r["a"], r["b"], r["K"], r["method"], r["mode"]) == (10, 13, 2, "ema", "per_layer")
+    want = tl.token_nll(real["params"], retrofit_toy.real_tokens(real["tok"], 1, 24), real["cfg"],
+                        window=tl.LoopSpec(10, 13, 2, "ema", "per_layer")).mean()
+    assert r["nll"] == pytest.approx(want, rel=1e-12)
+    assert (tmp_path / "results.json").exists()
+    with pytest.raises(SystemExit):
+        retrofit_toy.main(["--checkpoint", real["path"], "--out", str(tmp_path), "--window", "28", "31"])
+    for bad in (["--layers", "4"], ["--widths", "2"], ["--K-main", "3"], ["--retrain"]):
+        with pytest.raises(SystemExit):
+            retrofit_toy.parse_args(["--checkpoint", real["path"], *bad])
 
 
 PLAIN = ("Water boils at one hundred degrees Celsius at sea level. When you heat water in a pot, small bubbles form "
