@@ -2564,10 +2564,16 @@ def token_nll(params, tokens, cfg, window=None):
     out = []
     for row in tokens:
         z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
-        m = z.max(axis=-1, keepdims=True)                           # (max - z_next) + log sum exp(z - max)
-        out.append((m[:, 0] - z[onp.arange(len(z)), row[1:]]) + onp.log(onp.sum(onp.exp(z - m), axis=-1,
-                                                                                  dtype=onp.float64)))
+        out.append(next_token_nll(z, row[1:]))
     return onp.array(out)
+
+
+def next_token_nll(z, targets):
+    """-log softmax(z_t)[targets_t] = logsumexp(z_t) - z_t[targets_t] for each row t: logits z [n, V], token ids
+    targets [n] -> [n] float64 (what token_nll computes from the logits of positions 0 .. T-2 and the tokens
+    1 .. T-1). The exp-sums accumulate in float64."""
+    m = z.max(axis=-1, keepdims=True)                               # (max - z_next) + log sum exp(z - max)
+    return (m[:, 0] - z[onp.arange(len(z)), targets]) + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
 
 
 # --- the tokenizer: GPT-2 byte-level BPE (tokenizer.ggml.model = "gpt2", pre-tokenizer "smollm") ------------
