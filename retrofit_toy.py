@@ -29,6 +29,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # on
 
 import argparse
 import dataclasses
+import hashlib
 import multiprocessing as mp
 import signal
 import sys
@@ -786,32 +787,120 @@ def real_tokens(tok, n_seq, T):
 _REAL = {}
 
 
-def real_eval(job):
-    """One looped setting -> (per-sequence mean NLL [n_seq], the sub-steps per sequence of a halting rule or None);
-    each worker process loads the checkpoint once."""
-    path, tokens, spec = job
-    if not _REAL:
+def _real_model(path):
+    """(params, cfg, meta), loaded once per process (run_checkpoint puts its own copy here for --workers 1)."""
+    if "model" not in _REAL:
         tl.tune_malloc()
         _REAL["model"] = tl.load_gguf(path)
-    params, cfg, _ = _REAL["model"]
-    nll = tl.token_nll(params, tokens, cfg, window=spec).mean(axis=1)
-    return nll, (halting_steps(params, cfg, tokens, spec) if spec.halt_tau is not None else None)
+    return _REAL["model"]
 
 
-def real_step_sizes(params, cfg, tokens):
-    """Per layer: ||F(x)|| / ||x||, F(x) = L(x) - x, on held-out text: token mean, token median, and at position 0
-    (an attention sink in this model); and the states between layers."""
-    x = tl.embed_lookup(params["embed"], tokens)
+def head_nll(params, cfg, row, x):
+    """-log p(row[t+1] | row[:t+1]) for t = 0 .. T-2 [T-1], read off the last layer's output x [1, T, d] of the
+    sequence row [T] (final norm, readout): the arithmetic of tl.token_nll after the stack."""
+    return tl.next_token_nll(tl.readout(params, tl.final_norm(params, x, cfg), cfg)[0, :-1], row[1:])
+
+
+def frozen_pass(params, cfg, row):
+    """The frozen model on one sequence row [T], once: (states, nll) with states[l] the state entering layer l,
+    [1, T, d] (states[N] = the last layer's output), and nll the per-position NLL [T-1]; bitwise what
+    tl.token_nll(params, row[None], cfg) computes on the way."""
+    x = tl.embed_lookup(params["embed"], row[None])
     x = tl.rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x
-    steps, states = {"mean": [], "median": [], "position_0": []}, [x]
+    states = [x]
     for p in params["layers"]:
-        y = tl.block(p, x, cfg)[0]
+        x = tl.block(p, x, cfg)[0]
+        states.append(x)
+    return states, head_nll(params, cfg, row, x)
+
+
+class Remembered:
+    """A frozen layer that remembers its results: layer(x) is kept under a 256-bit digest of x's shape, dtype and
+    bytes, and returned (read-only) for a bitwise-identical x. A frozen layer is a deterministic function (the
+    same numbers in, the same arithmetic, the same numbers out), so this changes no result; it lets the settings
+    of one window share their evaluations (window_eval). `seen` may be pre-filled (the frozen pass)."""
+
+    def __init__(self, layer):
+        self.layer, self.seen = layer, {}
+
+    @staticmethod
+    def key(x):
+        h = hashlib.blake2b(f"{x.shape} {x.dtype}".encode(), digest_size=32)
+        h.update(np.ascontiguousarray(x).data)
+        return h.digest()
+
+    def __call__(self, x):
+        k = self.key(x)
+        if k not in self.seen:
+            y = self.layer(x)
+            y.flags.writeable = False                   # handed out again: nobody may change it in place
+            self.seen[k] = y
+        return self.seen[k]
+
+
+def window_eval(job):
+    """Every setting in `specs` (all looping the window [a..b]) on one sequence `row` -> a list of (mean NLL,
+    the sub-steps a halting rule ran or None), one per setting; each number bitwise what tl.token_nll (and
+    halting_steps) give.
+
+    Nothing is computed twice. The layers below the window do not depend on the loop: the window starts from
+    the frozen pass's state x_a (states = x_a .. x_{b+1}, run once per sequence in the main process). Each window
+    layer remembers its results (Remembered), seeded with the frozen pass (layer a + j maps x_{a+j} to
+    x_{a+j+1}), so work the settings share is done once: every rule's natural pass; rk's damped-Euler chain,
+    which is euler's at the same K; naive's iterates, the first K of every larger K (and residual_scaled's and
+    poly_blend's). The layers above the window and the readout run once per distinct window output, seeded with
+    the frozen NLL (K = 1 of naive, euler and rk IS the natural pass)."""
+    path, row, a, b, states, frozen_nll, specs = job
+    params, cfg, _ = _real_model(path)
+    window = [Remembered(tl.Layer(p, cfg)) for p in params["layers"][a:b + 1]]
+    for j, layer in enumerate(window):
+        layer.seen[Remembered.key(states[j])] = states[j + 1]
+    above = [tl.Layer(p, cfg) for p in params["layers"][b + 1:]]
+    nll_of = {Remembered.key(states[-1]): frozen_nll}  # window output -> per-position NLL
+    out = []
+    for spec in specs:
+        info = {}
+        x = tl.loop_window(window, states[0], 0, b - a, info=info,
+                           **{k: v for k, v in spec.kwargs().items() if k not in ("a", "b")})
+        key = Remembered.key(x)
+        if key not in nll_of:
+            for layer in above:
+                x = layer(x)
+            nll_of[key] = head_nll(params, cfg, row, x)
+        out.append((float(nll_of[key].mean()), info["steps"][0] if spec.halt_tau is not None else None))
+    return out
+
+
+def real_evals(path, tokens, frozen, specs, workers):
+    """{spec: (mean NLL per sequence [n_seq], sub-steps per sequence of a halting rule or None)} for every spec:
+    one window_eval job per (window, sequence), the windows with the most settings first (2 workers: no long
+    job left for the end). frozen: frozen_pass of each sequence."""
+    by_window = {}
+    for s in specs:
+        by_window.setdefault((s.a, s.b), []).append(s)
+    order = sorted(by_window, key=lambda w: -len(by_window[w]))
+    jobs = [(path, row, a, b, states[a:b + 2], nll, by_window[a, b])
+            for a, b in order for row, (states, nll) in zip(tokens, frozen)]
+    res = run_all(window_eval, jobs, workers, "looped evaluations (window x sequence)")
+    n = len(tokens)
+    done = {}
+    for i, w in enumerate(order):
+        per_seq = res[i * n:(i + 1) * n]                # [sequence][setting] -> (nll, steps)
+        for k, s in enumerate(by_window[w]):
+            steps = [r[k][1] for r in per_seq]
+            done[s] = (np.array([r[k][0] for r in per_seq]), None if steps[0] is None else steps)
+    return done
+
+
+def real_step_sizes(states):
+    """Per layer: ||F(x)|| / ||x||, F(x) = L(x) - x, on held-out text, from the frozen pass's states (one
+    sequence): token mean, token median, and at position 0 (an attention sink in this model)."""
+    steps = {"mean": [], "median": [], "position_0": []}
+    for x, y in zip(states[:-1], states[1:]):
         r = np.linalg.norm(y - x, axis=-1) / np.linalg.norm(x, axis=-1)
         for k, v in (("mean", r.mean()), ("median", np.median(r)), ("position_0", r[:, 0].mean())):
             steps[k].append(float(v))
-        x = y
-        states.append(x)
-    return steps, states
+    return steps
 
 
 def real_samples(params, cfg, tok, spec, n_new, variants=("frozen", "naive", "loop")):
@@ -896,7 +985,8 @@ def run_checkpoint(args):
     tokens = real_tokens(tok, n_seq, T)
     N = cfg.n_layers
     main = real_spec(args, N)
-    base = tl.token_nll(params, tokens, cfg).mean(axis=1)                          # [n_seq] mean NLL per sequence
+    frozen = [frozen_pass(params, cfg, row) for row in tokens]                      # states and NLL, once
+    base = np.array([nll.mean() for _, nll in frozen])                             # [n_seq] mean NLL per sequence
     R = {"smoke_run": args.quick, "note": SMOKE_NOTE if args.quick else "", "checkpoint": path,
          "config": dataclasses.asdict(cfg), "n_layers": N, "band": BAND, "quick": args.quick,
          "statistic": "delta NLL vs frozen: mean over sequences +- standard deviation over sequences (ddof 0)",
@@ -905,7 +995,7 @@ def run_checkpoint(args):
          "frozen": {"nll": float(base.mean()), "perplexity": float(np.exp(base.mean())), "nll_per_sequence": base.tolist()}}
     if args.setting:                                    # one setting from the command line
         print(f"SmolLM2-135M: loaded in {load_s:.1f} s; looping {main} on {n_seq} x {T} tokens ...")
-        nll, steps = real_eval((path, tokens, main))
+        nll, steps = real_evals(path, tokens, frozen, [main], args.workers)[main]
         R.update(setting=_record(main, nll, steps, base, N), load_seconds=load_s,
                  samples=real_samples(params, cfg, tok, main, n_new, ("frozen", "loop")))
         return finish(R, out, t0, lambda R, out: [], setting_summary)
@@ -914,7 +1004,8 @@ def run_checkpoint(args):
               "looped_forward_seconds": _best_of(2, lambda: tl.forward(params, tokens[:1], cfg, "standard",
                                                                          window=main, diagnostics=False))}
     windows = [main_window(N, 4, f) for f in targets]
-    steps, states = real_step_sizes(params, cfg, tokens[:1])
+    states = frozen[0][0]                                                          # the first sequence
+    steps = real_step_sizes(states)
     win_step = {f"{a}..{b}": window_step(states, a, b) for a, b in windows}
     print(f"SmolLM2-135M: loaded in {load_s:.1f} s; held-out text {n_seq} x {T} tokens, perplexity "
           f"{np.exp(base.mean()):.2f}; sampling ...")
@@ -923,7 +1014,7 @@ def run_checkpoint(args):
     specs = [tl.LoopSpec(a, b, K, m) for a, b in windows for m in METHODS for K in Ks]
     rules = ablation_specs(main.a, main.b, RECIPE_K)
     todo = list(dict.fromkeys(specs + [s for _, s in rules]))          # each distinct setting once
-    done = dict(zip(todo, run_all(real_eval, [(path, tokens, s) for s in todo], args.workers, "looped evaluations")))
+    done = real_evals(path, tokens, frozen, todo, args.workers)
     R.update({"step_size": steps["mean"], "step_size_median": steps["median"],
               "step_size_position_0": steps["position_0"], "window_step": win_step,
               "windows": [list(w) for w in windows], "Ks": list(Ks), "main_window": [main.a, main.b],

@@ -38,6 +38,7 @@ in one matmul; diagnostics read off values with `getval`, outside the gradient t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -312,15 +313,32 @@ def attention(p, q_in, x_in, cfg, pos0=0, past=None):
         Attn(Q = q_in Wq, K = x_in Wk, V = x_in Wv) Wo,   q_in = x_in for ordinary self-attention.
 
     q_in, x_in: [B, T, d], already normed by the caller. pos0: position of the first of the T tokens.
-    past: None or cached (k, v), each [B, Hkv, P, dh] with P = pos0 previous positions.
+    past: the keys and values of P earlier positions, or None. Either a pair (k, v), each [B, Hkv, P, dh]
+    (copied together with this call's: for a cache passed by hand), or a KV cache written in place (section 8's
+    LayerCache, used by generate): its method write(k, v) puts this call's k, v into the slots after its
+    committed ones and returns views of all P + T slots, so the cache is never copied.
     Returns (out [B, T, d], (k, v) of these T positions, each [B, Hkv, T, dh]).
     Two steps, usable apart (a KV cache writes k, v between them): attention_qkv computes q, k, v of the T new
     positions; attend attends them over the keys and values of all S = P + T positions.
     """
     q, k, v = attention_qkv(p, q_in, x_in, cfg, pos0)
-    k_all, v_all = (k, v) if past is None else (np.concatenate([past[0], k], axis=2),
-                                                np.concatenate([past[1], v], axis=2))     # [B,Hkv,S,dh]
+    if past is None:
+        k_all, v_all = k, v
+    elif isinstance(past, tuple):
+        k_all, v_all = np.concatenate([past[0], k], axis=2), np.concatenate([past[1], v], axis=2)   # [B,Hkv,S,dh]
+    else:
+        k_all, v_all = past.write(k, v)                       # views [B,Hkv,S,dh] of the cache, written in place
     return attend(p, q, k_all, v_all, cfg), (k, v)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables_once(cfg, pos0, T):
+    """rope_tables, made once per (cfg, pos0, T) and read-only: every layer of a pass asks for the same tables
+    (a decode step otherwise rebuilds them N times)."""
+    tables = rope_tables(cfg, pos0, T)
+    for t in tables:
+        t.flags.writeable = False
+    return tables
 
 
 def attention_qkv(p, q_in, x_in, cfg, pos0=0):
@@ -332,7 +350,7 @@ def attention_qkv(p, q_in, x_in, cfg, pos0=0):
     k = np.transpose(np.reshape(np.matmul(x_in, p["wk"]), (B, T, Hkv, dh)), (0, 2, 1, 3))    # [B,Hkv,T,dh]
     v = np.transpose(np.reshape(np.matmul(x_in, p["wv"]), (B, T, Hkv, dh)), (0, 2, 1, 3))    # [B,Hkv,T,dh]
     if cfg.rope != "none":
-        tables = rope_tables(cfg, pos0, T)
+        tables = _rope_tables_once(cfg, pos0, T)
         q, k = apply_rope(q, *tables), apply_rope(k, *tables)
     if cfg.qk_norm:
         q, k = _rms(q, cfg.norm_eps), _rms(k, cfg.norm_eps)
@@ -2044,18 +2062,20 @@ def depth_fraction(a, b, n_layers):
 
 class Layer:
     """One frozen tinyloop block as a callable x -> x [B, T, d], the unit loop_window works with.
-    p: the layer's parameter dict; cfg: the model's Config. pos0: position of x's first token. past: None or a
-    read-only KV cache (k, v), each [B, Hkv, P, dh]: every call attends over it plus the T positions of x (the
-    loop's sub-steps attend over the cache and the current iterates) and never writes it. counter: a dict whose
-    "evals" counts token-layer evaluations. log: a list receiving the expert ids (idx [B, T, k]) each call used
-    (MoE), natural pass first. natural_kv: the K/V ([B, Hkv, T, dh] each) of the last natural pass (freeze),
-    which layer mode writes to the cache."""
+    p: the layer's parameter dict; cfg: the model's Config. pos0: position of x's first token. past: None, a
+    read-only KV cache (k, v), each [B, Hkv, P, dh], or the layer's LayerCache (generate): every call attends
+    over the cache plus the T positions of x (the loop's sub-steps attend over the cache and the current
+    iterates) and never commits anything to it (a LayerCache only has its scratch slots overwritten). counter: a
+    dict whose "evals" counts token-layer evaluations. log: a list receiving the expert ids (idx [B, T, k]) each
+    call used (MoE), natural pass first. natural_kv: the K/V ([B, Hkv, T, dh] each) of the last natural pass
+    (freeze), which layer mode writes to the cache."""
 
     def __init__(self, p, cfg, pos0=0, past=None, counter=None, log=None):
         _check(isinstance(p, dict) and "attn" in p, "p", "must be one layer's parameter dict (params['layers'][l])")
         _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
         _check(_is_int(pos0) and pos0 >= 0, "pos0", f"must be an integer >= 0, got {pos0!r}")
-        _check(past is None or (isinstance(past, tuple) and len(past) == 2), "past", "must be None or a pair (k, v)")
+        _check(past is None or (isinstance(past, tuple) and len(past) == 2) or isinstance(past, LayerCache), "past",
+               "must be None, a pair (k, v) or a LayerCache")
         _check(counter is None or (isinstance(counter, dict) and "evals" in counter), "counter",
                "must be None or a dict with an 'evals' count")
         _check(log is None or isinstance(log, list), "log", "must be None or a list")
@@ -2119,25 +2139,68 @@ def layer_evals_per_token(n_layers, n_window, K, looped=True, stash=True, mode="
     return n_layers + (E - 1) * n_window + (n_window if stash and mode != "layer" else 0)
 
 
-def _append_kv(past, kv):
-    return kv if past is None else (onp.concatenate([past[0], kv[0]], axis=2),
-                                    onp.concatenate([past[1], kv[1]], axis=2))
+class LayerCache:
+    """One layer's KV cache for a whole generation: preallocated, written in place, never copied or grown.
+
+        k, v   [B, Hkv, capacity, dh] buffers made once (generate: B = 1, capacity = every position it will run,
+               len(prompt) + n_new - 1). Axes: sequence, key/value head, cache slot, head dimension (the layout
+               attention reads: each head's [slots, dh] block is contiguous).
+        n      the committed length. Slots 0 .. n-1 are the cache: the keys (RoPE applied at their own position)
+               and values this layer committed, in order of position. Usually slot i holds position i; a window
+               layer under cache "none" skips the positions of looped passes, so its slots hold a subsequence.
+               Slots n .. capacity-1 are scratch.
+    A layer call on T new positions (block -> attention) calls write(k, v): their k, v go to the scratch slots
+    n .. n+T-1 and attention reads the views k[:, :, :n+T], v[:, :, :n+T] (no copy). That commits nothing:
+    commit(T) does (n += T), on the pass that writes the cache (generate's docstring says which). The loop's
+    sub-steps write the same scratch slots again at every evaluation and never commit, so the committed slots
+    never change; layer mode keeps its natural pass's k, v (Layer.natural_kv), writes them back after the
+    sub-steps and commits them; the stash pass and the layers outside the window commit what their one call
+    wrote."""
+
+    def __init__(self, B, kv_heads, capacity, head_dim, dtype):
+        for name, v in (("B", B), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
+            _check(_is_int(v) and v >= 1, name, f"must be an integer >= 1, got {v!r}")
+        self.k = onp.zeros((B, kv_heads, capacity, head_dim), dtype)
+        self.v = onp.zeros_like(self.k)
+        self.n = 0
+
+    def write(self, k, v):
+        """Write k, v [B, Hkv, T, dh] of T new positions to the scratch slots n .. n+T-1 (not committed) and return
+        the views (k, v) of slots 0 .. n+T-1, each [B, Hkv, n+T, dh]: the cache, then these T."""
+        T = onp.shape(k)[2]
+        _check(self.n + T <= self.k.shape[2], "past",
+               f"the cache holds {self.k.shape[2]} positions; {self.n} are committed and {T} more do not fit")
+        _check(k.dtype == self.k.dtype and onp.shape(k) == onp.shape(v) == self.k.shape[:2] + (T, self.k.shape[3]),
+               "past", f"expected k, v [{', '.join(map(str, self.k.shape[:2]))}, T, {self.k.shape[3]}] of "
+               f"dtype {self.k.dtype}, got {onp.shape(k)} {k.dtype}")
+        self.k[:, :, self.n:self.n + T] = k
+        self.v[:, :, self.n:self.n + T] = v
+        return self.k[:, :, :self.n + T], self.v[:, :, :self.n + T]
+
+    def commit(self, T):
+        """Make the T scratch slots last written part of the cache."""
+        _check(_is_int(T) and 0 <= T and self.n + T <= self.k.shape[2], "T", f"cannot commit {T} more positions")
+        self.n += T
+
+    def committed(self):
+        """The cache as (k, v) views [B, Hkv, n, dh], or None when nothing is committed."""
+        return None if self.n == 0 else (self.k[:, :, :self.n], self.v[:, :, :self.n])
 
 
 def _cached_pass(params, cfg, tokens, cache, pos0, spec, loop, cache_mode, counter, logs=None):
     """Run the standard model on `tokens` [1, T] at positions pos0 .. pos0+T-1 with the per-layer KV cache
-    `cache` (a list of (k, v), each [1, Hkv, P_l, dh], or None), appending what this pass writes (the rules are in
-    generate's docstring). Every layer call attends over its layer's cache plus the T positions it is given.
-    loop=True loops the window [spec.a..spec.b]. Returns the last position's logits [vocab]."""
-    N = len(params["layers"])
+    `cache` (a list of LayerCache), committing what this pass writes (the rules are in generate's docstring).
+    Every layer call attends over its layer's committed cache plus the T positions it is given. loop=True loops
+    the window [spec.a..spec.b]. Returns the last position's logits [vocab] (only that position is read out)."""
+    N, T = len(params["layers"]), tokens.shape[1]
     x = embed_lookup(params["embed"], tokens)                                     # [1,T,d]
     x = rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x                    # the standard model starts at n(e)
     lo, hi = (spec.a, spec.b + 1) if spec is not None else (N, N)                 # the window: layers lo .. hi-1
 
-    def run(l, x):                                            # one layer, writing its K/V
-        y, ex = block(params["layers"][l], x, cfg, pos0, past=cache[l])
-        counter["evals"] += x.shape[1]
-        cache[l] = _append_kv(cache[l], ex["kv"])
+    def run(l, x):                                            # one layer, committing its K/V
+        y, _ = block(params["layers"][l], x, cfg, pos0, past=cache[l])           # writes k, v after the cache
+        counter["evals"] += T
+        cache[l].commit(T)
         return y
 
     for l in range(lo):
@@ -2149,7 +2212,8 @@ def _cached_pass(params, cfg, tokens, cache, pos0, spec, loop, cache_mode, count
         x = loop_window(window, x0, 0, hi - lo - 1, **{k: v for k, v in spec.kwargs().items() if k not in "ab"})
         if spec.mode == "layer":                              # each layer's natural pass, on its own input
             for j, layer in zip(range(lo, hi), window):
-                cache[j] = _append_kv(cache[j], layer.natural_kv)
+                cache[j].write(*layer.natural_kv)             # over the sub-steps' scratch
+                cache[j].commit(T)
         elif cache_mode != "none":                            # the stash pass; its hidden output is discarded
             s = x0 if cache_mode == "first" else x
             for j in range(lo, hi):
@@ -2159,7 +2223,7 @@ def _cached_pass(params, cfg, tokens, cache, pos0, spec, loop, cache_mode, count
             x = run(l, x)
     for l in range(hi, N):
         x = run(l, x)
-    return readout(params, final_norm(params, x, cfg), cfg)[0, -1]
+    return readout(params, final_norm(params, x[:, -1:], cfg), cfg)[0, -1]
 
 
 def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="bypass", first_n=0):
@@ -2189,9 +2253,13 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     Positions are counted here (RoPE position = tokens before this one), not read off layer 0's cache as the
     authors' HF code does; the two differ only for cache "none" with a window starting at layer 0.
 
+    The cache is one LayerCache per layer, preallocated for the len(prompt) + n_new - 1 positions the model runs
+    (the last generated token is never fed back) and written in place (layout and sub-step scratch: LayerCache).
+
     Returns (generated ids, info) with info: logits [n_new, vocab] (one per step), layer_evals (token-layer
     evaluations, see layer_evals_per_token), tokens_processed, cache_shapes (per layer, None = nothing cached),
-    kv (the final cache: per layer (k, v) or None), prefill_seconds, decode_seconds."""
+    kv (the final cache: per layer (k, v) or None; views of the buffers), cache (the LayerCache list),
+    prefill_seconds, decode_seconds."""
     _check(isinstance(params, dict) and isinstance(params.get("layers"), list) and "embed" in params, "params",
            "must be a params tree {'embed', 'layers', ...} (init_params, load, load_gguf)")
     _check(isinstance(cfg, Config), "cfg", f"must be a Config, got {type(cfg).__name__}")
@@ -2210,7 +2278,8 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     _check_tokens(ids[None], cfg)
     prompt = [int(t) for t in ids]
     spec = None if window is None else _as_spec(window, N)
-    kv = [None] * N
+    dtype = onp.asarray(params["embed"]).dtype
+    kv = [LayerCache(1, cfg.kv_heads, len(prompt) + max(n_new - 1, 0), cfg.head_dim, dtype) for _ in range(N)]
     counter = {"evals": 0}
     t0 = time.perf_counter()
     logits = [_cached_pass(params, cfg, onp.array([prompt]), kv, 0, spec, True, cache, counter)]
@@ -2224,10 +2293,11 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
         logits.append(_cached_pass(params, cfg, onp.array([[out[-1]]]), kv, len(prompt) + i, spec, looped, cache,
                                    counter))
     t2 = time.perf_counter()
-    shapes = [None if c is None else tuple(c[0].shape) for c in kv]
+    final = [c.committed() for c in kv]
+    shapes = [None if c is None else tuple(c[0].shape) for c in final]
     return out, {"logits": onp.array(logits), "layer_evals": counter["evals"],
-                 "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes, "kv": kv,
-                 "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
+                 "tokens_processed": len(prompt) + max(n_new - 1, 0), "cache_shapes": shapes, "kv": final,
+                 "cache": kv, "prefill_seconds": t1 - t0, "decode_seconds": t2 - t1}
 
 
 # ============================================================================================================
@@ -2496,10 +2566,16 @@ def token_nll(params, tokens, cfg, window=None):
     out = []
     for row in tokens:
         z = forward(params, row[None], cfg, "standard", window=window, diagnostics=False)[0][0, :-1]   # [T-1, V]
-        m = z.max(axis=-1, keepdims=True)                           # (max - z_next) + log sum exp(z - max)
-        out.append((m[:, 0] - z[onp.arange(len(z)), row[1:]]) + onp.log(onp.sum(onp.exp(z - m), axis=-1,
-                                                                                  dtype=onp.float64)))
+        out.append(next_token_nll(z, row[1:]))
     return onp.array(out)
+
+
+def next_token_nll(z, targets):
+    """-log softmax(z_t)[targets_t] = logsumexp(z_t) - z_t[targets_t] for each row t: logits z [n, V], token ids
+    targets [n] -> [n] float64 (what token_nll computes from the logits of positions 0 .. T-2 and the tokens
+    1 .. T-1). The exp-sums accumulate in float64."""
+    m = z.max(axis=-1, keepdims=True)                               # (max - z_next) + log sum exp(z - max)
+    return (m[:, 0] - z[onp.arange(len(z)), targets]) + onp.log(onp.sum(onp.exp(z - m), axis=-1, dtype=onp.float64))
 
 
 # --- the tokenizer: GPT-2 byte-level BPE (tokenizer.ggml.model = "gpt2", pre-tokenizer "smollm") ------------
