@@ -24,8 +24,10 @@ Protocol (fixed before looking at any result; see docs/train_toy.md):
   * statistics: the MEAN over seeds, "± x" is the sample standard deviation over seeds (n - 1); the figures'
     bands span min to max over seeds.
 Stages: 1 LR sweep (seed 0), 2 headline seeds 1.., 3 test-time loops (evaluates the SAVED headline models at
-1..max_test_loops loops; no training). Resumable: every finished run is saved as models/<run>.npz with its result
-in models/<run>.json; a rerun reuses each finished run whose settings match (--fresh retrains everything).
+1..max_test_loops loops; no training), 4 test-time rules (the same saved models, the loops past the trained K run
+naive / damped / rk by [TFL]'s rules, with the loop map's eigenvalues: tl.sweep_test_time_rules; no training).
+Resumable: every finished run is saved as models/<run>.npz with its result in models/<run>.json (stages 3 and 4:
+<run>.loops.json, <run>.rules.json); a rerun reuses each finished one whose settings match (--fresh redoes all).
 Ctrl-C stops with one line and keeps every finished run.
 """
 import os
@@ -57,6 +59,7 @@ FINAL_WINDOW = 0.1            # final loss = mean training loss over the last 10
 SMOKE_NOTE = ("--quick is a SMOKE RUN: a tiny model trained for a few steps to check that the pipeline works; "
               "its numbers are not results (run without --quick for those)")
 STAT_NOTE = "mean over seeds ± sample standard deviation over seeds (n - 1)"
+RULE_S, RULE_BETA = 0.5, 0.5  # stage 4: the damped step s and rk's anchor weight beta (tl.continue_loops' defaults)
 
 
 # --- one training run -----------------------------------------------------------------------------------------
@@ -179,6 +182,40 @@ def loops_finished(args, job):
     return rec if rec and rec.get("settings") == loops_settings(args, job) else None
 
 
+def test_time_rules(K):
+    """The rules stage 4 runs for a model trained at K loops: rk anchors on the last trained loop (needs K >= 2)."""
+    return tl.TEST_TIME_RULES if K >= 2 else tuple(r for r in tl.TEST_TIME_RULES if r != "rk")
+
+
+def rules_settings(args, job):
+    return dict(loops_settings(args, job), spectrum_examples=args.spectrum_examples, s=RULE_S, beta=RULE_BETA,
+                rules=list(test_time_rules(job["K"])))
+
+
+def rules_one(payload):
+    """Stage 4 on one SAVED model: tl.sweep_test_time_rules on stage 3's examples (downstream average at
+    1..max_test_loops loops per rule, the period-2 signature, the loop map's eigenvalues on the first
+    spectrum_examples sequences)."""
+    args, job = payload
+    tl.tune_malloc()
+    cfg = model_config(args, job["layers"], job["K"])
+    params, cfg, _ = tl.load(run_path(args, job, ".npz"), expect_cfg=cfg)
+    ev = eval_batch(args)
+    small = {k: v[: args.loop_eval_examples] for k, v in ev.items()}               # stage 3's examples
+    t0 = time.perf_counter()
+    sw = tl.sweep_test_time_rules(params, cfg, job["variant"], small, K_train=job["K"], K_max=args.max_test_loops,
+                                  rules=test_time_rules(job["K"]), s=RULE_S, beta=RULE_BETA, tasks=TRAIN_TASKS,
+                                  n_spectrum=args.spectrum_examples)
+    rec = {"settings": rules_settings(args, job), "test_time_rules": sw, "seconds": time.perf_counter() - t0}
+    tl.write_json(run_path(args, job, ".rules.json"), rec)
+    return rec
+
+
+def rules_finished(args, job):
+    rec = None if args.fresh else _read_json(run_path(args, job, ".rules.json"))
+    return rec if rec and rec.get("settings") == rules_settings(args, job) else None
+
+
 # --- running a stage: reuse finished runs, run the rest in parallel, Ctrl-C safe ----------------------------------
 def _worker_init():
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the main process's business: no worker tracebacks
@@ -277,13 +314,71 @@ def summarise(runs, groups, variants):
     return rows
 
 
+TTR_NOTE = ("stage 4: the headline models run with K' = 1..max_test_loops loops; past the trained K the loops follow "
+            "a rule (tl.continue_loops: naive = stage 3, damped h <- h + s (Phi(h) - h), rk = [TFL]'s anchored blend "
+            "over the last trained loop); past = mean over K' = K+1..max of the downstream average; even_odd_gap = "
+            "mean at even K' minus mean at odd K' (past K); eigenvalues of the loop map's Jacobian on the scored "
+            "tokens of the first spectrum_examples sequences, at h_K (trained) and at the damped rule's state at "
+            "K' = max(max_test_loops, K) (damped), with residual ||Phi(h) - h|| / ||h||; " + STAT_NOTE)
+
+
+def _cplx(z):
+    return complex(z[0], z[1])
+
+
+def summarise_rules(runs, groups, args):
+    """Stage 4 per (optimizer, L, K, lr) and variant: each rule's downstream average at every K' (mean, sd over
+    seeds), its mean past K and its even/odd gap; the period-2 signature; the eigenvalue summaries per seed."""
+    rows = []
+    for g in groups:
+        K = g["K"]
+        for v in args.variants:
+            rs = [r for r in runs if r["variant"] == v and all(r[k] == g[k] for k in ("optimizer", "layers", "K", "lr"))]
+            if not rs:
+                continue
+            row = {**{k: g[k] for k in ("optimizer", "layers", "K", "lr")}, "variant": v, "n_seeds": len(rs),
+                   "seeds": [r["seed"] for r in rs], "rules": {}}
+            Ks = rs[0]["test_time_rules"]["K"]
+            past = [i for i, k in enumerate(Ks) if k > K]
+            for rule in rs[0]["test_time_rules"]["downstream"]:
+                A = np.array([r["test_time_rules"]["downstream"][rule] for r in rs])      # [seed, K']
+                per_k = [stat(A[:, i]) for i in range(len(Ks))]
+                even, odd = [i for i in past if Ks[i] % 2 == 0], [i for i in past if Ks[i] % 2]
+                pm = stat(A[:, past].mean(1)) if past else (None, None)
+                gap = stat(A[:, even].mean(1) - A[:, odd].mean(1)) if even and odd else (None, None)
+                row["rules"][rule] = {"downstream_mean": [m for m, _ in per_k], "downstream_sd": [s for _, s in per_k],
+                                      "past_mean": pm[0], "past_sd": pm[1], "even_odd_gap_mean": gap[0],
+                                      "even_odd_gap_sd": gap[1]}
+            p2 = [r["test_time_rules"]["period2"] for r in rs]
+            for key in ("step1", "step2"):
+                vals = [p[key] for p in p2]
+                row[f"period2_{key}_mean"] = stat(vals)[0] if None not in vals else None
+            sp = [r["test_time_rules"].get("spectrum") for r in rs]
+            if all(sp):
+                row["spectrum"] = {}
+                for state in ("trained", "damped"):
+                    ss = [x[state] for x in sp]
+                    d = {"K": ss[0]["K"], "dominant": [x["dominant"] for x in ss],
+                         "most_negative": [x["most_negative"] for x in ss]}
+                    for key, vals in (("dominant_abs", [abs(_cplx(x["dominant"])) for x in ss]),
+                                      ("most_negative_re", [x["most_negative"][0] for x in ss]),
+                                      ("frac_unstable", [x["frac_unstable"] for x in ss]),
+                                      ("frac_flip", [x["frac_flip"] for x in ss]),
+                                      ("damped_radius", [x["damped_radius"] for x in ss]),
+                                      ("residual", [x["residual"] for x in ss])):
+                        d[key + "_mean"], d[key + "_sd"] = stat(vals)
+                    row["spectrum"][state] = d
+            rows.append(row)
+    return rows
+
+
 def run_protocol(args):
     t0 = time.perf_counter()
     grid = {"muon": args.muon_lrs, "adam": args.adam_lrs}
     cells = [(o, L, K) for o in args.optimizers for L in args.layers for K in args.loops]
     job = lambda o, L, K, v, lr, s: {"optimizer": o, "layers": L, "K": K, "variant": v, "lr": lr, "seed": s}
     sweep_jobs = [job(o, L, K, v, lr, 0) for o, L, K in cells for lr in grid[o] for v in args.variants]
-    sweep, n1 = run_stage(train_one, finished, sweep_jobs, args, "1/3 LR sweep (seed 0)")
+    sweep, n1 = run_stage(train_one, finished, sweep_jobs, args, "1/4 LR sweep (seed 0)")
     groups = []
     for o, L, K in cells:
         lr, mean_loss = headline_lr([r for r in sweep if (r["optimizer"], r["layers"], r["K"]) == (o, L, K)])
@@ -291,13 +386,25 @@ def run_protocol(args):
                        "sweep_mean_loss": {f"{k:g}": v for k, v in mean_loss.items()}})
     seed_jobs = [job(g["optimizer"], g["layers"], g["K"], v, g["lr"], s) for g in groups for v in args.variants
                  for s in range(1, args.seeds)]
-    more, n2 = run_stage(train_one, finished, seed_jobs, args, "2/3 headline runs (seeds 1..)")
+    more, n2 = run_stage(train_one, finished, seed_jobs, args, "2/4 headline runs (seeds 1..)")
     is_head = lambda r: any(all(r[k] == g[k] for k in ("optimizer", "layers", "K", "lr")) for g in groups)
     runs = [r for r in sweep if is_head(r)] + more
     keys = ("optimizer", "layers", "K", "variant", "lr", "seed")
-    loops, n3 = run_stage(loops_one, loops_finished, [{k: r[k] for k in keys} for r in runs], args,
-                          "3/3 test-time loops (saved models, no training)", what="evaluations")
-    runs = [dict(r, test_loops=lp["test_loops"]) for r, lp in zip(runs, loops)]
+    head_jobs = [{k: r[k] for k in keys} for r in runs]
+    t3 = time.perf_counter()
+    loops, n3 = run_stage(loops_one, loops_finished, head_jobs, args,
+                          "3/4 test-time loops (saved models, no training)", what="evaluations")
+    t4 = time.perf_counter()
+    rules, n4 = run_stage(rules_one, rules_finished, head_jobs, args,
+                          "4/4 test-time rules (saved models, no training)", what="test-time rule sweeps")
+    t5 = time.perf_counter()
+    for j, lp, ru in zip(head_jobs, loops, rules):     # the naive states ARE stage 3's: same numbers, bitwise
+        naive = ru["test_time_rules"]["downstream"]["naive"]
+        stage3 = [lp["test_loops"][str(k)] for k in range(1, args.max_test_loops + 1)]
+        if naive != stage3:
+            raise AssertionError(f"{run_name(j)}: stage 4's naive downstream {naive} differs from stage 3's {stage3}")
+    runs = [dict(r, test_loops=lp["test_loops"], test_time_rules=ru["test_time_rules"])
+            for r, lp, ru in zip(runs, loops, rules)]
     mark_degraded(sweep)
     mark_degraded(runs)
     order = lambda r: (OPTIMIZERS.index(r["optimizer"]), r["layers"], r["K"], r["lr"], VARIANTS.index(r["variant"]), r["seed"])
@@ -312,8 +419,11 @@ def run_protocol(args):
                                    "variants (seed 0 sweep)",
                "chance_exact_match": chance_exact_match(args),
                "headline": groups, "summary": summarise(runs, groups, args.variants),
+               "test_time_rules_note": TTR_NOTE, "test_time_rules_summary": summarise_rules(runs, groups, args),
                "sweep": [strip(r) for r in sorted(sweep, key=order)], "runs": [strip(r) for r in sorted(runs, key=order)],
-               "trained_now": n1 + n2, "evaluated_now": n3, "reused": len(sweep_jobs) + len(seed_jobs) - n1 - n2,
+               "trained_now": n1 + n2, "evaluated_now": n3, "rule_sweeps_now": n4,
+               "reused": len(sweep_jobs) + len(seed_jobs) - n1 - n2,
+               "stage_seconds": {"train": t3 - t0, "test_loops": t4 - t3, "test_time_rules": t5 - t4},
                "train_seconds_sum": sum(r["seconds"] for r in sweep + more)}   # in the workers, whenever trained
     results["seconds"] = time.perf_counter() - t0
     return results
@@ -496,6 +606,58 @@ def make_figures(results, out):
                        title=f"{OPT_LABEL[o]}, K = {K} (each L at its headline LR)")
                 ax.legend(fontsize=7, loc="lower left")
         save(fig, "7_depth.png", "Depth (line: mean over seeds; dots: seeds)")
+
+    # 8: test-time rules (stage 4), rows: (optimizer, K), columns: variants + the loop map's eigenvalues
+    rows = [(o, K) for o in opts for K in Ks]
+    variants = results["variants"]
+    ttr = {(s["optimizer"], s["K"], s["variant"]): s for s in results["test_time_rules_summary"] if s["layers"] == L0}
+    fig, axes = grid(len(rows), len(variants) + 1, w=3.4, h=2.7)
+    styles = {"naive": ("tab:red", "o-"), "damped": ("tab:green", "s-"), "rk": ("tab:blue", "^-")}
+    for i, (o, K) in enumerate(rows):
+        for j, v in enumerate(variants):
+            ax, s = axes[i][j], ttr.get((o, K, v))
+            if s is None:
+                ax.axis("off")
+                continue
+            for rule, d in s["rules"].items():
+                col, st = styles[rule]
+                ks, m, sd = np.arange(1, len(d["downstream_mean"]) + 1), np.array(d["downstream_mean"]), np.array(d["downstream_sd"])
+                ax.plot(ks, m, st, color=col, ms=3, lw=1, label=rule)
+                ax.fill_between(ks, m - sd, m + sd, color=col, alpha=0.15)
+            ax.axvline(K, color="gray", ls=":", lw=1)
+            ax.axhline(results["chance_exact_match"], color="black", lw=0.6)
+            ax.set_xlim(max(1, K - 2) - 0.5, len(s["rules"]["naive"]["downstream_mean"]) + 0.5)
+            ax.set_ylim(0, 1)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{v}: {OPT_LABEL[o]}, K = {K} (n={s['n_seeds']})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if j == 0:
+                ax.set_ylabel("downstream average", fontsize=8)
+                ax.legend(fontsize=6.5, loc="lower left")
+            if i == len(rows) - 1:
+                ax.set_xlabel("loops at test time K'", fontsize=8)
+        ax = axes[i][-1]                                                # eigenvalues, one dot per seed
+        for j, v in enumerate(variants):
+            sp = (ttr.get((o, K, v)) or {}).get("spectrum")
+            if not sp:
+                continue
+            for key, state, mk, col, lab in (("dominant", "trained", "o", "k", "dominant lambda (Re), at h_K"),
+                                             ("most_negative", "trained", "v", "tab:purple", "most negative Re lambda, at h_K"),
+                                             ("dominant", "damped", "s", "tab:green", "dominant lambda (Re), damped state")):
+                ys = [z[0] for z in sp[state][key]]
+                ax.plot(j + {"o": -0.15, "v": 0.0, "s": 0.15}[mk] + np.zeros(len(ys)), ys, mk, color=col, ms=4,
+                        mfc="none" if state == "damped" else col, label=lab if j == 0 else None)
+        for y in (-1, 1):
+            ax.axhline(y, color="gray", ls="--", lw=0.8)
+        ax.set_xticks(range(len(variants)), variants, fontsize=7, rotation=30)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylabel("Re lambda (loop map's Jacobian)", fontsize=8)
+        ax.set_title(f"loop map eigenvalues, {OPT_LABEL[o]}, K = {K}", fontsize=8)
+        if i == 0:
+            ax.legend(fontsize=6, loc="best")
+    save(fig, "8_test_time_rules.png", f"Saved models looped past their trained K by [TFL]'s rules, L = {L0} "
+         f"(s = {RULE_S}, beta = {RULE_BETA}; line: mean over seeds, band: ± sd; dotted: trained K; black: chance; "
+         "right: one dot per seed)")
     return files
 
 
@@ -517,6 +679,44 @@ def summary(results):
         parts = [f"{v} {[r['lr'] for r in sw if r['variant'] == v and r['collapsed']] or 'none'}"
                  for v in results["variants"]]
         lines.append("  LR sweep (seed 0), collapsed at: " + ", ".join(parts))
+    rows = results.get("test_time_rules_summary", [])
+    if rows:
+        lines.append(f"Test-time rules (stage 4, saved models; s = {RULE_S}, beta = {RULE_BETA}): past = mean over "
+                     "K' > K, gap = even K' minus odd K' (past K); mean over seeds, ± sd")
+    for g in results["headline"]:
+        o, L, K = g["optimizer"], g["layers"], g["K"]
+        grp = [s for s in rows if (s["optimizer"], s["layers"], s["K"]) == (o, L, K)]
+        if not grp:
+            continue
+        Ks = list(range(1, len(grp[0]["rules"]["naive"]["downstream_mean"]) + 1))
+        show = [i for i, k in enumerate(Ks) if k >= min(K, Ks[-1])]
+        fmt = lambda m, s: "    -" if m is None else f"{m:5.2f} ±{s:4.2f}"
+        lines.append(f"{OPT_LABEL[o]}, L = {L}, trained at K = {K}: downstream average at K' = {Ks[show[0]]}..{Ks[-1]}")
+        lines.append(f"  {'variant':8s} {'rule':6s} " + " ".join(f"{Ks[i]:>4d}" for i in show) +
+                     f"  {'past':>10s}  {'gap':>10s}")
+        for s in grp:
+            for rule, d in s["rules"].items():
+                lines.append(f"  {s['variant']:8s} {rule:6s} " + " ".join(f"{d['downstream_mean'][i]:4.2f}" for i in show)
+                             + f"  {fmt(d['past_mean'], d['past_sd']):>10s}  {fmt(d['even_odd_gap_mean'], d['even_odd_gap_sd']):>10s}")
+        if all("spectrum" in s for s in grp):
+            tr, dm = grp[0]["spectrum"]["trained"], grp[0]["spectrum"]["damped"]
+            lines.append(f"  loop map's eigenvalues lambda (scored tokens), at h_{tr['K']} and at the damped state "
+                         f"K' = {dm['K']}; naive |h_K - h_K-1| / |h_K - h_K-2| at K' = {Ks[-1]} (RMS per token)")
+            lines.append(f"  {'variant':8s} {'naive step 1/2':>14s}  {'dominant lambda at h_K, per seed':34s} "
+                         f"{'max|lam|':>11s} {'min Re lam':>11s} {'Re<-1':>5s}  {'damped: residual':>16s} "
+                         f"{'max|lam|':>11s} {'radius':>11s}")
+            c = lambda z: f"{z[0]:+.2f}" + (f"{z[1]:+.2f}i" if abs(z[1]) > 5e-4 else "")
+            for s in grp:
+                tr, dm = s["spectrum"]["trained"], s["spectrum"]["damped"]
+                p2 = ("-" if s["period2_step2_mean"] is None else
+                      f"{s['period2_step1_mean']:.3f}/{s['period2_step2_mean']:.3f}")
+                res = f"{dm['residual_mean']:.3f} ±{dm['residual_sd']:.3f}"
+                lines.append(f"  {s['variant']:8s} {p2:>14s}  {', '.join(c(z) for z in tr['dominant']):34s} "
+                             f"{fmt(tr['dominant_abs_mean'], tr['dominant_abs_sd']):>11s} "
+                             f"{fmt(tr['most_negative_re_mean'], tr['most_negative_re_sd']):>11s} "
+                             f"{tr['frac_flip_mean']:5.1%}  {res:>16s} "
+                             f"{fmt(dm['dominant_abs_mean'], dm['dominant_abs_sd']):>11s} "
+                             f"{fmt(dm['damped_radius_mean'], dm['damped_radius_sd']):>11s}")
     return "\n".join(lines)
 
 
@@ -541,13 +741,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=1000)
     p.add_argument("--loop-eval-examples", type=int, default=300)
     p.add_argument("--max-test-loops", type=int, default=16)
+    p.add_argument("--spectrum-examples", type=int, default=16,
+                   help="stage 4: sequences whose loop-map eigenvalues are computed (0: none)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one BLAS thread each)")
     p.add_argument("--fresh", action="store_true", help="retrain every run instead of reusing finished ones")
     p.add_argument("--out", default=None, help="output folder (default out/train_toy, or out/train_toy_quick)")
     if p.parse_args(argv).quick:          # --quick changes the defaults; flags given explicitly still win
         p.set_defaults(loops=[2, 3], seeds=2, muon_lrs=[0.02, 0.06], adam_lrs=[3e-3, 3e-2], steps=20, d_model=32,
-                       eval_examples=100, loop_eval_examples=50, max_test_loops=5)
+                       eval_examples=100, loop_eval_examples=50, max_test_loops=5,
+                       spectrum_examples=2)
     args = p.parse_args(argv)
     args.out = args.out or ("out/train_toy_quick" if args.quick else "out/train_toy")
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -560,6 +763,8 @@ def parse_args(argv=None):
                  "loop_eval_examples", "max_test_loops", "workers", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.spectrum_examples < 0:
+        p.error("--spectrum-examples must be >= 0")
     if any(k < 1 for k in args.loops):
         p.error("--loops: every K must be >= 1")
     if any(L < 1 for L in args.layers):
@@ -587,7 +792,7 @@ def main(argv=None):
         results = run_protocol(args)
     except KeyboardInterrupt:
         n = len([f for f in os.listdir(os.path.join(args.out, "models")) if f.endswith(".json")
-                 and not f.endswith(".loops.json")])
+                 and not f.endswith((".loops.json", ".rules.json"))])
         print(f"interrupted: {n} finished runs are saved in {os.path.join(args.out, 'models')}; run the same "
               "command again to resume", file=sys.stderr, flush=True)
         raise SystemExit(130) from None

@@ -56,8 +56,30 @@ def test_train_toy_quick(tmp_path):
     assert all("test_loops" in r for r in res["runs"])
     assert len(res["summary"]) == 2 * len(res["loops"]) * len(res["variants"])
     for name in ("1_loss.png", "2_hidden_norm.png", "3_grad_norm.png", "4_downstream.png",
-                 "5_test_time_loops.png", "6_lr_sweep.png"):
+                 "5_test_time_loops.png", "6_lr_sweep.png", "8_test_time_rules.png"):
         assert os.path.getsize(tmp_path / name) > 10_000
+    # stage 4: the test-time rules on the saved models; naive IS stage 3 (the same states), bitwise
+    Kmax = res["config"]["max_test_loops"]
+    for r in res["runs"]:
+        tr = r["test_time_rules"]
+        assert tr["K"] == list(range(1, Kmax + 1)) and set(tr["downstream"]) == set(tl.TEST_TIME_RULES)
+        assert tr["downstream"]["naive"] == [r["test_loops"][str(k)] for k in tr["K"]]
+        for rule, acc in tr["downstream"].items():
+            assert all(0 <= a <= 1 for a in acc)
+            assert acc[:r["K"]] == tr["downstream"]["naive"][:r["K"]]        # up to K_train every rule is the model
+        for state in ("trained", "damped"):
+            sp = tr["spectrum"][state]
+            assert all(finite(x) for x in sp["dominant"] + sp["most_negative"] + [sp["residual"], sp["damped_radius"]])
+    rows = res["test_time_rules_summary"]
+    assert len(rows) == 2 * len(res["loops"]) * len(res["variants"])
+    assert all(len(d["downstream_mean"]) == Kmax for s in rows for d in s["rules"].values())
+    assert "Test-time rules (stage 4" in out
+    # a rerun trains nothing and redoes no evaluation: every stage reuses its saved results, same numbers
+    again, out = run_train_toy(tmp_path)
+    n = len(res["runs"])
+    assert f"reusing {n} of {n} finished test-time rule sweeps" in out and f"reusing {n} of {n} finished evaluations" in out
+    assert again["trained_now"] == again["evaluated_now"] == again["rule_sweeps_now"] == 0
+    assert again["runs"] == res["runs"] and again["test_time_rules_summary"] == rows
 
 
 def test_train_toy_one_variant_prints_only_what_ran_and_the_depth_axis(tmp_path):
