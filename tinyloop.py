@@ -116,21 +116,42 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self):
+        # NumPy scalars become Python numbers: a np.float64 branch_scale (e.g. round(1 / np.sqrt(2 * N), 4)) would
+        # otherwise promote every float32 activation it multiplies to float64 (NumPy 2 promotion rules), silently.
+        for name in ("vocab", "d_model", "n_heads", "n_kv_heads", "n_layers", "n_loops", "seq_len", "d_ff",
+                     "n_experts", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, onp.integer):
+                object.__setattr__(self, name, int(v))
+        for name in ("norm_eps", "softcap", "rope_theta", "branch_scale"):
+            v = getattr(self, name)
+            if v is None and name == "softcap":
+                continue
+            _check(isinstance(v, (int, float, onp.integer, onp.floating)) and not isinstance(v, bool), name,
+                   f"must be a real number, got {v!r}")
+            object.__setattr__(self, name, float(v))
         for name in ("vocab", "d_model", "n_heads", "n_layers", "n_loops", "seq_len"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, name, f"must be a positive integer, got {v!r}")
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
+                   f"must be a positive integer, got {v!r}")
+        for name in ("n_kv_heads", "d_ff"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), name,
+                   f"must be a positive integer or None, got {v!r}")
         _check(self.d_model % self.n_heads == 0, "d_model",
                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         _check(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
-        _check(self.ff >= 1, "d_ff", f"must be positive, got {self.d_ff}")
         _check(self.mlp in ("relu2", "gelu", "swiglu"), "mlp", f"unknown MLP kind {self.mlp!r}")
         _check(self.norm in ("rms", "rms_gain"), "norm", f"unknown norm kind {self.norm!r}")
         _check(self.rope in ("half", "pairs", "none"), "rope", f"unknown RoPE kind {self.rope!r}")
         _check(self.rope == "none" or self.head_dim % 2 == 0, "rope", "RoPE needs an even head_dim")
         _check(self.norm_eps > 0, "norm_eps", "must be positive")
         _check(self.softcap is None or self.softcap > 0, "softcap", "must be positive or None")
-        _check(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "must be >= 0")
+        _check(isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 0,
+               "n_experts", f"must be an integer >= 0, got {self.n_experts!r}")
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool), "top_k",
+               f"must be an integer, got {self.top_k!r}")
         _check(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts, "top_k",
                f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         _check(self.branch_scale > 0, "branch_scale", "must be positive")
@@ -2142,9 +2163,9 @@ def layer_evals_per_token(n_layers, n_window, K, looped=True, stash=True, mode="
 class LayerCache:
     """One layer's KV cache for a whole generation: preallocated, written in place, never copied or grown.
 
-        k, v   [B, Hkv, capacity, dh] buffers made once (generate: B = 1, capacity = every position it will run,
-               len(prompt) + n_new - 1). Axes: sequence, key/value head, cache slot, head dimension (the layout
-               attention reads: each head's [slots, dh] block is contiguous).
+        k, v   [B, Hkv, capacity, dh] buffers made once, at the first write, in its dtype (generate: B = 1,
+               capacity = every position it will run, len(prompt) + n_new - 1). Axes: sequence, key/value head,
+               cache slot, head dimension (the layout attention reads: each head's [slots, dh] is contiguous).
         n      the committed length. Slots 0 .. n-1 are the cache: the keys (RoPE applied at their own position)
                and values this layer committed, in order of position. Usually slot i holds position i; a window
                layer under cache "none" skips the positions of looped passes, so its slots hold a subsequence.
@@ -2157,17 +2178,19 @@ class LayerCache:
     sub-steps and commits them; the stash pass and the layers outside the window commit what their one call
     wrote."""
 
-    def __init__(self, B, kv_heads, capacity, head_dim, dtype):
+    def __init__(self, B, kv_heads, capacity, head_dim):
         for name, v in (("B", B), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
             _check(_is_int(v) and v >= 1, name, f"must be an integer >= 1, got {v!r}")
-        self.k = onp.zeros((B, kv_heads, capacity, head_dim), dtype)
-        self.v = onp.zeros_like(self.k)
+        self.shape = (B, kv_heads, capacity, head_dim)
+        self.k = self.v = None                         # made at the first write, in the dtype attention computes in
         self.n = 0
 
     def write(self, k, v):
         """Write k, v [B, Hkv, T, dh] of T new positions to the scratch slots n .. n+T-1 (not committed) and return
         the views (k, v) of slots 0 .. n+T-1, each [B, Hkv, n+T, dh]: the cache, then these T."""
         T = onp.shape(k)[2]
+        if self.k is None:
+            self.k, self.v = onp.zeros(self.shape, k.dtype), onp.zeros(self.shape, k.dtype)
         _check(self.n + T <= self.k.shape[2], "past",
                f"the cache holds {self.k.shape[2]} positions; {self.n} are committed and {T} more do not fit")
         _check(k.dtype == self.k.dtype and onp.shape(k) == onp.shape(v) == self.k.shape[:2] + (T, self.k.shape[3]),
@@ -2179,7 +2202,7 @@ class LayerCache:
 
     def commit(self, T):
         """Make the T scratch slots last written part of the cache."""
-        _check(_is_int(T) and 0 <= T and self.n + T <= self.k.shape[2], "T", f"cannot commit {T} more positions")
+        _check(_is_int(T) and 0 <= T and self.n + T <= self.shape[2], "T", f"cannot commit {T} more positions")
         self.n += T
 
     def committed(self):
@@ -2278,8 +2301,7 @@ def generate(params, cfg, prompt, n_new, window=None, cache="first", decode="byp
     _check_tokens(ids[None], cfg)
     prompt = [int(t) for t in ids]
     spec = None if window is None else _as_spec(window, N)
-    dtype = onp.asarray(params["embed"]).dtype
-    kv = [LayerCache(1, cfg.kv_heads, len(prompt) + max(n_new - 1, 0), cfg.head_dim, dtype) for _ in range(N)]
+    kv = [LayerCache(1, cfg.kv_heads, len(prompt) + max(n_new - 1, 0), cfg.head_dim) for _ in range(N)]
     counter = {"evals": 0}
     t0 = time.perf_counter()
     logits = [_cached_pass(params, cfg, onp.array([prompt]), kv, 0, spec, True, cache, counter)]
