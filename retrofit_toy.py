@@ -825,6 +825,7 @@ class Remembered:
 
     @staticmethod
     def key(x):
+        """x's identity: a 256-bit blake2b digest of its shape, dtype and bytes (equal digests = the same x)."""
         h = hashlib.blake2b(f"{x.shape} {x.dtype}".encode(), digest_size=32)
         h.update(np.ascontiguousarray(x).data)
         return h.digest()
@@ -849,9 +850,18 @@ def window_eval(job):
     x_{a+j+1}), so work the settings share is done once: every rule's natural pass; rk's damped-Euler chain,
     which is euler's at the same K; naive's iterates, the first K of every larger K (and residual_scaled's and
     poly_blend's). The layers above the window and the readout run once per distinct window output, seeded with
-    the frozen NLL (K = 1 of naive, euler and rk IS the natural pass)."""
+    the frozen NLL (K = 1 of naive, euler and rk IS the natural pass).
+
+    job = (path of the GGUF file, row [T] token ids, a, b, states: the frozen pass's x_a .. x_{b+1} each [1, T, d],
+    frozen_nll [T-1], specs: LoopSpecs on [a..b]). A mixture-of-experts model runs every setting plainly
+    (tl.token_nll, halting_steps): its layer modes freeze the routing of the natural pass (Layer.freeze), which a
+    remembered layer does not carry."""
     path, row, a, b, states, frozen_nll, specs = job
     params, cfg, _ = _real_model(path)
+    if cfg.n_experts:
+        return [(float(tl.token_nll(params, row[None], cfg, window=spec)[0].mean()),
+                 halting_steps(params, cfg, row[None], spec)[0] if spec.halt_tau is not None else None)
+                for spec in specs]
     window = [Remembered(tl.Layer(p, cfg)) for p in params["layers"][a:b + 1]]
     for j, layer in enumerate(window):
         layer.seen[Remembered.key(states[j])] = states[j + 1]

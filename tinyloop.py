@@ -2164,7 +2164,7 @@ class LayerCache:
     """One layer's KV cache for a whole generation: preallocated, written in place, never copied or grown.
 
         k, v   [B, Hkv, capacity, dh] buffers made once, at the first write, in its dtype (generate: B = 1,
-               capacity = every position it will run, len(prompt) + n_new - 1). Axes: sequence, key/value head,
+               capacity = every position it will run, len(prompt) + max(n_new - 1, 0)). Axes: sequence, key/value head,
                cache slot, head dimension (the layout attention reads: each head's [slots, dh] is contiguous).
         n      the committed length. Slots 0 .. n-1 are the cache: the keys (RoPE applied at their own position)
                and values this layer committed, in order of position. Usually slot i holds position i; a window
@@ -2183,26 +2183,31 @@ class LayerCache:
             _check(_is_int(v) and v >= 1, name, f"must be an integer >= 1, got {v!r}")
         self.shape = (B, kv_heads, capacity, head_dim)
         self.k = self.v = None                         # made at the first write, in the dtype attention computes in
-        self.n = 0
+        self.n = 0                                     # committed slots
+        self.written = 0                               # slots holding data: the committed ones + the last write
 
     def write(self, k, v):
         """Write k, v [B, Hkv, T, dh] of T new positions to the scratch slots n .. n+T-1 (not committed) and return
         the views (k, v) of slots 0 .. n+T-1, each [B, Hkv, n+T, dh]: the cache, then these T."""
+        B, Hkv, C, dh = self.shape
+        ok = onp.ndim(k) == onp.ndim(v) == 4 and onp.shape(k) == onp.shape(v)
+        _check(ok and onp.shape(k)[:2] == (B, Hkv) and onp.shape(k)[3] == dh and k.dtype == v.dtype, "past",
+               f"expected k, v [{B}, {Hkv}, T, {dh}] of one dtype, got {onp.shape(k)} {getattr(k, 'dtype', '')} "
+               f"and {onp.shape(v)} {getattr(v, 'dtype', '')}")
         T = onp.shape(k)[2]
         if self.k is None:
             self.k, self.v = onp.zeros(self.shape, k.dtype), onp.zeros(self.shape, k.dtype)
-        _check(self.n + T <= self.k.shape[2], "past",
-               f"the cache holds {self.k.shape[2]} positions; {self.n} are committed and {T} more do not fit")
-        _check(k.dtype == self.k.dtype and onp.shape(k) == onp.shape(v) == self.k.shape[:2] + (T, self.k.shape[3]),
-               "past", f"expected k, v [{', '.join(map(str, self.k.shape[:2]))}, T, {self.k.shape[3]}] of "
-               f"dtype {self.k.dtype}, got {onp.shape(k)} {k.dtype}")
+        _check(k.dtype == self.k.dtype, "past", f"the cache holds {self.k.dtype}, got {k.dtype}")
+        _check(self.n + T <= C, "past", f"the cache holds {C} positions; {self.n} are committed and {T} more do not fit")
         self.k[:, :, self.n:self.n + T] = k
         self.v[:, :, self.n:self.n + T] = v
+        self.written = self.n + T
         return self.k[:, :, :self.n + T], self.v[:, :, :self.n + T]
 
     def commit(self, T):
         """Make the T scratch slots last written part of the cache."""
-        _check(_is_int(T) and 0 <= T and self.n + T <= self.shape[2], "T", f"cannot commit {T} more positions")
+        _check(_is_int(T) and 0 <= T and self.n + T <= self.written, "T",
+               f"cannot commit {T} more positions: {self.written - self.n} scratch slots were written")
         self.n += T
 
     def committed(self):

@@ -32,7 +32,11 @@ def test_layer_cache_writes_in_place_and_commits_only_when_told():
     with pytest.raises(ValueError, match="past"):
         c.write(onp.zeros((1, 2, 1, 3), "float64"), onp.zeros((1, 2, 1, 3), "float64"))   # another dtype
     with pytest.raises(ValueError, match="T"):
-        c.commit(4)
+        c.commit(2)                                              # one scratch slot was written, not two
+    with pytest.raises(ValueError, match="past"):
+        c.write(onp.zeros((2, 3), "float32"), onp.zeros((2, 3), "float32"))            # not [B, Hkv, T, dh]
+    with pytest.raises(ValueError, match="past"):
+        c.write(onp.zeros((1, 2, 1, 3), "float32"), onp.zeros((1, 2, 1, 3), "float64"))   # k and v differ
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -61,30 +65,39 @@ def specs_for(a, b):
     out = [tl.LoopSpec(a, b, K, m) for m in ("naive", "euler", "rk") for K in (1, 2, 3, 6)]
     out += [tl.LoopSpec(a, b, 4, m, **rt.rule_params(m, 4)) for m in ("ema", "residual_scaled", "poly_blend",
                                                                         "anderson", "uniform")]
-    out += [tl.LoopSpec(a, b, 4, "ema", halt_tau=0.3), tl.LoopSpec(a, b, 3, "rk", "layer")]
+    out += [tl.LoopSpec(a, b, 8, "ema", halt_tau=tau) for tau in (0.1, 0.045, 0.04, 0.02)]
+    out += [tl.LoopSpec(a, b, 3, "rk", mode) for mode in ("layer", "per_layer")]
     return out
 
 
-def test_window_eval_gives_token_nll_bitwise_for_every_setting(monkeypatch):
+MOE = tl.Config(vocab=13, d_model=16, n_heads=2, n_layers=6, seq_len=24, n_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize("cfg", [GQA, MOE], ids=["gqa", "moe"])
+def test_window_eval_gives_token_nll_bitwise_for_every_setting(monkeypatch, cfg):
     """retrofit_toy's shared evaluation (frozen pass once, memoised window layers, one head per distinct window
-    output) against tl.token_nll setting by setting, and the halting rule's sub-steps against halting_steps."""
-    params = random_params(tl, GQA, 5, scale=0.3)
-    monkeypatch.setitem(rt._REAL, "model", (params, GQA, None))
-    tokens = onp.random.default_rng(2).integers(0, GQA.vocab, (2, 12))
-    frozen = [rt.frozen_pass(params, GQA, row) for row in tokens]
+    output) against tl.token_nll setting by setting, and the halting rule's sub-steps against halting_steps.
+    MoE: the layer modes freeze the natural pass's routing, which the shared path must not lose."""
+    params = random_params(tl, cfg, 5, scale=0.3)
+    monkeypatch.setitem(rt._REAL, "model", (params, cfg, None))
+    tokens = onp.random.default_rng(2).integers(0, cfg.vocab, (2, 12))
+    frozen = [rt.frozen_pass(params, cfg, row) for row in tokens]
     for row, (states, nll) in zip(tokens, frozen):
-        onp.testing.assert_array_equal(nll, tl.token_nll(params, row[None], GQA)[0])
+        onp.testing.assert_array_equal(nll, tl.token_nll(params, row[None], cfg)[0])
+    halting = set()
     for a, b in ((1, 3), (2, 4)):
         specs = specs_for(a, b)
         for row, (states, nll) in zip(tokens, frozen):
             got = rt.window_eval((None, row, a, b, states[a:b + 2], nll, specs))
             for spec, (mean_nll, steps) in zip(specs, got):
-                want = tl.token_nll(params, row[None], GQA, window=spec)[0].mean()
+                want = tl.token_nll(params, row[None], cfg, window=spec)[0].mean()
                 assert mean_nll == want, spec
                 if spec.halt_tau is not None:
-                    assert steps == rt.halting_steps(params, GQA, row[None], spec)[0]
+                    assert steps == rt.halting_steps(params, cfg, row[None], spec)[0]
+                    halting.add(steps)
                 else:
                     assert steps is None
+    assert len(halting) >= 2, halting              # the thresholds really halt at different sub-steps
 
 
 def test_config_takes_numpy_scalars_as_python_numbers():

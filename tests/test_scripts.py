@@ -80,6 +80,13 @@ def test_train_toy_quick(tmp_path):
     assert f"reusing {n} of {n} finished test-time rule sweeps" in out and f"reusing {n} of {n} finished evaluations" in out
     assert again["trained_now"] == again["evaluated_now"] == again["rule_sweeps_now"] == 0
     assert again["runs"] == res["runs"] and again["test_time_rules_summary"] == rows
+    # a reused stage-3 file that disagrees with stage 4 (edited, or written by other code) is evaluated again
+    f = sorted((tmp_path / "models").glob("*.loops.json"))[0]
+    rec = json.loads(f.read_text())
+    rec["test_loops"]["1"] += 0.02
+    f.write_text(json.dumps(rec))
+    fixed, out = run_train_toy(tmp_path)
+    assert "evaluating both again" in out and fixed["runs"] == res["runs"]
 
 
 def test_train_toy_one_variant_prints_only_what_ran_and_the_depth_axis(tmp_path):
