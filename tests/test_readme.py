@@ -3,15 +3,19 @@
 Every ```python block of README.md is run; the ```text block right after one is its expected output, compared
 line by line: the words exactly, each number within 10% (or 0.02), so another BLAS may round differently but a
 changed API, default or result fails with the actual output printed (paste it into the README if it is right).
-The toy blocks run in order in one namespace, as a student pasting them into one session would (~10 s). A block
+The toy blocks run in order in one namespace of a new interpreter, as a student pasting them into a new session
+would (~10 s). A block
 that calls tl.load_gguf needs the SmolLM2 checkpoint and is skipped without it, naming the fetch command.
 """
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -75,12 +79,30 @@ def test_readme_has_the_quickstart_blocks():
     assert sum(needs_checkpoint(src) for src, _ in blocks) >= 1
 
 
-def test_readme_toy_blocks_run_and_print_what_the_readme_shows(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    namespace = {"__name__": "__readme__"}
-    for src, want in readme_blocks():
-        if not needs_checkpoint(src):
-            run_block(src, want, namespace)
+SESSION = """
+import contextlib, io, json, sys                  # nothing that loads NumPy: the first block pins its threads
+namespace, outs = {"__name__": "__readme__"}, []
+for src in json.load(sys.stdin):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(src, "README.md", "exec"), namespace)
+    outs.append(out.getvalue())
+print(json.dumps(outs))
+"""
+
+
+def test_readme_toy_blocks_run_and_print_what_the_readme_shows():
+    """In a NEW Python session, as the README says: its first block pins one BLAS thread before NumPy loads,
+    which only works in a fresh interpreter (this test process has NumPy loaded already)."""
+    toy = [(src, want) for src, want in readme_blocks() if not needs_checkpoint(src)]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", SESSION], input=json.dumps([src for src, _ in toy]), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(outs) == len(toy)
+    for (src, want), got in zip(toy, outs):
+        assert same_output(got, want), f"README block printed\n{got}\ninstead of\n{want}\n--- block:\n{src}"
 
 
 def test_readme_checkpoint_blocks_run_and_print_what_the_readme_shows(monkeypatch):
