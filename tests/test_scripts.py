@@ -26,6 +26,12 @@ def run(script, out, *extra):
         return json.load(f), proc.stdout
 
 
+def _sigint_default():
+    """In the child: Ctrl-C raises KeyboardInterrupt even when pytest was started with SIGINT ignored (a background
+    job of a non-interactive shell, nohup): Python installs its handler only if SIGINT is not ignored at startup."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -112,7 +118,7 @@ def test_train_toy_resumes_after_ctrl_c_without_retraining(tmp_path):
             "--workers", "1"]
     cmd = [sys.executable, os.path.join(ROOT, "train_toy.py"), "--quick", "--out", str(tmp_path / "a"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
     models = tmp_path / "a" / "models"
     deadline = time.time() + 300
     while not (models.exists() and any(f.suffix == ".json" for f in models.iterdir())):
@@ -195,7 +201,7 @@ def test_retrofit_ctrl_c_exits_with_one_line(tmp_path):
     import time
     cmd = [sys.executable, os.path.join(ROOT, "retrofit_toy.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
     time.sleep(6)                                     # spawning the pool and training: well inside the run
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
