@@ -88,8 +88,7 @@ def halting_steps(params, cfg, tokens, spec):
     after the window are not needed)."""
     steps = []
     for row in np.asarray(tokens):
-        x = tl.embed_lookup(params["embed"], row[None])
-        x = tl.rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x
+        x = tl.entry_state(params, row[None], cfg)
         info = {}
         tl.loop_window([tl.Layer(p, cfg) for p in params["layers"][:spec.b + 1]], x, **spec.kwargs(), info=info)
         steps.append(info["steps"][0])
@@ -805,8 +804,7 @@ def frozen_pass(params, cfg, row):
     """The frozen model on one sequence row [T], once: (states, nll) with states[l] the state entering layer l,
     [1, T, d] (states[N] = the last layer's output), and nll the per-position NLL [T-1]; bitwise what
     tl.token_nll(params, row[None], cfg) computes on the way."""
-    x = tl.embed_lookup(params["embed"], row[None])
-    x = tl.rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x
+    x = tl.entry_state(params, row[None], cfg)
     states = [x]
     for p in params["layers"]:
         x = tl.block(p, x, cfg)[0]

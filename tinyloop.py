@@ -127,17 +127,14 @@ class Config:
             v = getattr(self, name)
             if v is None and name == "softcap":
                 continue
-            _check(isinstance(v, (int, float, onp.integer, onp.floating)) and not isinstance(v, bool), name,
-                   f"must be a real number, got {v!r}")
+            _check(_is_real(v), name, f"must be a real number, got {v!r}")
             object.__setattr__(self, name, float(v))
         for name in ("vocab", "d_model", "n_heads", "n_layers", "n_loops", "seq_len"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
-                   f"must be a positive integer, got {v!r}")
+            _check(_is_int(v) and v >= 1, name, f"must be a positive integer, got {v!r}")
         for name in ("n_kv_heads", "d_ff"):
             v = getattr(self, name)
-            _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), name,
-                   f"must be a positive integer or None, got {v!r}")
+            _check(v is None or (_is_int(v) and v >= 1), name, f"must be a positive integer or None, got {v!r}")
         _check(self.d_model % self.n_heads == 0, "d_model",
                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         _check(self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
@@ -148,10 +145,9 @@ class Config:
         _check(self.rope == "none" or self.head_dim % 2 == 0, "rope", "RoPE needs an even head_dim")
         _check(self.norm_eps > 0, "norm_eps", "must be positive")
         _check(self.softcap is None or self.softcap > 0, "softcap", "must be positive or None")
-        _check(isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 0,
-               "n_experts", f"must be an integer >= 0, got {self.n_experts!r}")
-        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool), "top_k",
-               f"must be an integer, got {self.top_k!r}")
+        _check(_is_int(self.n_experts) and self.n_experts >= 0, "n_experts",
+               f"must be an integer >= 0, got {self.n_experts!r}")
+        _check(_is_int(self.top_k), "top_k", f"must be an integer, got {self.top_k!r}")
         _check(self.n_experts == 0 or 1 <= self.top_k <= self.n_experts, "top_k",
                f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         _check(self.branch_scale > 0, "branch_scale", "must be positive")
@@ -736,6 +732,13 @@ def _check_shapes(tree, shapes, prefix, cfg):
 
 def final_norm(params, x, cfg):
     return rms_norm(x, params.get("g_final"), cfg.norm_eps)
+
+
+def entry_state(params, tokens, cfg):
+    """The state entering layer 0: token ids [B, T] -> [B, T, d], n(e) with e = E[tokens] (the [FLT] code), or e
+    itself when cfg.embed_norm is False (Llama, SmolLM2). forward computes it inline (it also needs e)."""
+    e = embed_lookup(params["embed"], tokens)                               # [B,T,d]
+    return rms_norm(e, eps=cfg.norm_eps) if cfg.embed_norm else e
 
 
 def forward(params, tokens, cfg, variant="FLT", n_loops=None, window=None, loop_layers=None,
@@ -2221,8 +2224,7 @@ def _cached_pass(params, cfg, tokens, cache, pos0, spec, loop, cache_mode, count
     Every layer call attends over its layer's committed cache plus the T positions it is given. loop=True loops
     the window [spec.a..spec.b]. Returns the last position's logits [vocab] (only that position is read out)."""
     N, T = len(params["layers"]), tokens.shape[1]
-    x = embed_lookup(params["embed"], tokens)                                     # [1,T,d]
-    x = rms_norm(x, eps=cfg.norm_eps) if cfg.embed_norm else x                    # the standard model starts at n(e)
+    x = entry_state(params, tokens, cfg)                                          # [1,T,d]
     lo, hi = (spec.a, spec.b + 1) if spec is not None else (N, N)                 # the window: layers lo .. hi-1
 
     def run(l, x):                                            # one layer, committing its K/V
