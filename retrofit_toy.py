@@ -306,7 +306,9 @@ def run_all(fn, jobs, workers, desc):
     tqdm.set_lock(threading.RLock())       # a thread lock: tqdm's default multiprocessing lock leaks a semaphore
     if workers <= 1 or len(jobs) == 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)   # workers start with Ctrl-C ignored (as train_toy) ...
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+    signal.signal(signal.SIGINT, sigint)                    # ... the main process handles it
     try:
         out = list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
         pool.close()
