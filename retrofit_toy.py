@@ -400,6 +400,7 @@ def main(argv=None):
 def finish(results, out, t0, figures, summarise):
     """Record the wall time, write results.json atomically, draw the figures, print the summary."""
     results["seconds"] = time.perf_counter() - t0
+    results["provenance"] = tl.run_provenance()
     tl.write_json(os.path.join(out, "results.json"), results)
     files = figures(results, out)
     print(summarise(results))

@@ -1423,6 +1423,32 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def run_provenance():
+    """What produced a run's numbers, for its results file: Python, NumPy and autograd versions, the BLAS library
+    with the kernel it picked at run time (threadpoolctl, when installed: OpenBLAS's "architecture", e.g. Haswell
+    or SkylakeX; OPENBLAS_CORETYPE overrides it), its thread count, the thread variables, and the CPU. float32
+    numbers are bitwise reproducible only when all of these match (see README, "What reproduces")."""
+    import platform
+    import sys
+    from importlib.metadata import version
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [{k: v for k, v in d.items() if k in ("internal_api", "version", "architecture", "num_threads",
+                                                       "threading_layer")} for d in threadpool_info()]
+    except ImportError:
+        blas = "threadpoolctl not installed"
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                       "MKL_NUM_THREADS") if k in os.environ}
+    return {"python": sys.version.split()[0], "numpy": onp.__version__, "autograd": version("autograd"),
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "blas": blas, "env": env}
+
+
 def tune_malloc():
     """Opt-in speed-up on Linux/glibc: keep freed memory in the process instead of handing every large
     temporary back to the OS (M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = 1 GiB). NumPy + autograd allocate many
